@@ -1,0 +1,41 @@
+"""Batch normalization for networks written in NumPy.
+
+Pure kernels (:func:`batch_norm_train`, :func:`batch_norm_inference`,
+:func:`batch_norm_backward`), the book's layer fixed (:class:`BatchNormalization`), a modern
+layer (:class:`BatchNorm`) and, with mpi4py, :class:`SyncBatchNorm`.
+"""
+
+from .backends import available_backends, get_backend
+from .functional import (
+    BatchNormCache,
+    batch_norm_backward,
+    batch_norm_inference,
+    batch_norm_train,
+    update_running_stats,
+)
+from .layers import BatchNorm, BatchNormalization, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchNormCache",
+    "BatchNormalization",
+    "SyncBatchNorm",
+    "available_backends",
+    "batch_norm_backward",
+    "batch_norm_inference",
+    "batch_norm_train",
+    "get_backend",
+    "load",
+    "update_running_stats",
+]
+
+
+def __getattr__(name: str):
+    # SyncBatchNorm needs mpi4py, which importing batchnorm must not.
+    if name == "SyncBatchNorm":
+        from .distributed import SyncBatchNorm
+
+        return SyncBatchNorm
+    raise AttributeError(f"module 'batchnorm' has no attribute {name!r}")

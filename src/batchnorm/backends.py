@@ -1,0 +1,166 @@
+"""Compute backends: the four per-element primitives every batch-norm path is built from.
+
+Every layout is first viewed as a 3-D array ``x3`` of shape ``(A, C, B)``: ``C`` is the feature
+axis, ``A`` the product of the axes before it and ``B`` the product of the axes after it. So
+``(N, C)`` is ``(N, C, 1)``, ``(N, C, H, W)`` is ``(N, C, H*W)`` and channels-last
+``(N, H, W, C)`` is ``(N*H*W, C, 1)``. A backend reduces over axes 0 and 2.
+
+All per-feature arithmetic (inverse standard deviation, coefficients of the backward pass) is
+done by the caller in float64 on arrays of length ``C``. A backend only does the passes over the
+data, which is where the time goes:
+
+``moments(x3) -> (mean, var)``
+    Per-feature mean and biased variance, float64, exact for data with a large mean.
+``affine(x3, center, scale, shift) -> y3``
+    ``y = (x - center) * scale + shift``.
+``grad_sums(dy3, x3, center) -> (sum_dy, sum_dy_xc)``
+    ``sum(dy)`` and ``sum(dy * (x - center))`` per feature, float64.
+``grad_input(dy3, x3, center, p, q, r) -> dx3``
+    ``dx = p * dy + q * (x - center) + r``.
+
+``center``, ``scale``, ``shift``, ``p``, ``q`` and ``r`` have length ``C`` and the dtype of ``x3``
+(float32 or float64; float16 never reaches a backend). Subtracting ``center`` before scaling keeps
+float32 exact when the mean is large: ``x - center`` is exact when ``x`` is near ``center``
+(Sterbenz), and the caller folds the part of the mean that ``center`` cannot hold into ``shift``
+and ``r``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["Backend", "NumpyBackend", "available_backends", "get_backend"]
+
+ENV_VAR = "BATCHNORM_BACKEND"
+
+
+class Backend(Protocol):
+    """The interface of a compute backend (see the module docstring)."""
+
+    name: str
+
+    def moments(self, x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def affine(
+        self, x3: np.ndarray, center: np.ndarray, scale: np.ndarray, shift: np.ndarray
+    ) -> np.ndarray: ...
+
+    def grad_sums(
+        self, dy3: np.ndarray, x3: np.ndarray, center: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def grad_input(
+        self,
+        dy3: np.ndarray,
+        x3: np.ndarray,
+        center: np.ndarray,
+        p: np.ndarray,
+        q: np.ndarray,
+        r: np.ndarray,
+    ) -> np.ndarray: ...
+
+
+def _col(v: np.ndarray) -> np.ndarray:
+    return v.reshape(1, -1, 1)
+
+
+class NumpyBackend:
+    """Vectorised NumPy: the reference every other backend is tested against."""
+
+    name = "numpy"
+
+    def moments(self, x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        count = x3.shape[0] * x3.shape[2]
+        # Corrected two-pass algorithm: centre on the (rounded) mean, then remove what is left
+        # of the mean from the second moment. Accumulate in float64 so that long float32
+        # reductions do not drift.
+        mean = x3.sum(axis=(0, 2), dtype=np.float64) / count
+        xc = x3 - _col(mean.astype(x3.dtype))
+        s1 = xc.sum(axis=(0, 2), dtype=np.float64) / count
+        np.square(xc, out=xc)
+        s2 = xc.sum(axis=(0, 2), dtype=np.float64) / count
+        var = np.maximum(s2 - s1 * s1, 0.0)
+        return mean.astype(x3.dtype).astype(np.float64) + s1, var
+
+    def affine(self, x3, center, scale, shift):
+        y = x3 - _col(center)
+        y *= _col(scale)
+        y += _col(shift)
+        return y
+
+    def grad_sums(self, dy3, x3, center):
+        xc = x3 - _col(center)
+        xc *= dy3
+        return dy3.sum(axis=(0, 2), dtype=np.float64), xc.sum(axis=(0, 2), dtype=np.float64)
+
+    def grad_input(self, dy3, x3, center, p, q, r):
+        dx = x3 - _col(center)
+        dx *= _col(q)
+        dx += _col(p) * dy3
+        dx += _col(r)
+        return dx
+
+
+_CACHE: dict[str, Backend] = {}
+
+
+def _load(name: str) -> Backend:
+    if name not in _CACHE:
+        if name == "numpy":
+            _CACHE[name] = NumpyBackend()
+        elif name == "numba":
+            try:
+                from ._numba import NumbaBackend
+            except ImportError as err:
+                raise ImportError(
+                    "backend 'numba' was requested but numba is not importable "
+                    f"({err}); install it with: pip install 'batchnorm[fast]'"
+                ) from err
+            _CACHE[name] = NumbaBackend()
+        else:
+            raise ValueError(f"expected backend 'auto', 'numpy' or 'numba', got {name!r}")
+    return _CACHE[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can be loaded here, the reference first."""
+    names = ["numpy"]
+    try:
+        _load("numba")
+    except ImportError:
+        pass
+    else:
+        names.append("numba")
+    return names
+
+
+def get_backend(backend: str | Backend | None = None) -> Backend:
+    """Resolve a backend name (or pass a backend object through).
+
+    Parameters
+    ----------
+    backend : {"auto", "numpy", "numba"}, Backend or None
+        ``None`` reads the environment variable ``BATCHNORM_BACKEND`` and falls back to
+        ``"auto"``, which is numba when it is importable and NumPy otherwise.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    ImportError
+        When ``"numba"`` is asked for and numba cannot be imported.
+    """
+    if backend is None:
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+    if not isinstance(backend, str):
+        return backend
+    name = backend.strip().lower()
+    if name == "auto":
+        try:
+            return _load("numba")
+        except ImportError:
+            return _load("numpy")
+    return _load(name)

@@ -1,0 +1,567 @@
+"""Stateful layers: they hold parameters, running statistics and the last forward's cache, and
+leave all arithmetic to :mod:`batchnorm.functional`.
+
+A call that raises changes nothing: every layer computes into locals first and only then
+assigns its new state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+
+from . import functional as F
+from .backends import Backend, get_backend
+
+__all__ = ["BatchNorm", "BatchNormalization", "load"]
+
+_STATE_KEYS = ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _nonfinite_error(mean: np.ndarray, var: np.ndarray, shape: tuple[int, ...]) -> ValueError:
+    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
+    shown = ", ".join(str(i) for i in bad[:8]) + (", ..." if bad.size > 8 else "")
+    return ValueError(
+        f"expected finite values in the training batch, got NaN or Inf in {bad.size} "
+        f"feature(s) [{shown}] of x with shape {shape}; nothing was updated"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the book's interface, fixed
+
+
+class BatchNormalization:
+    """The layer of the book "Deep Learning from Scratch", with its interface, fixed.
+
+    Parameters
+    ----------
+    gamma, beta : ndarray of shape (D,)
+        Scale and shift. The layer keeps these very arrays, so an optimiser that updates them
+        in place (``params["gamma1"] -= lr * grads["gamma1"]``) changes what it computes.
+    momentum : float, default 0.9
+        Weight of the OLD running value: ``running = momentum * running + (1 - momentum) * stat``.
+    running_mean, running_var : ndarray of shape (D,) or None
+        Created on the first forward as zeros and ones (in ``gamma``'s dtype) when None.
+    eps : float, default 1e-6
+        The book writes ``10e-7``, which is 1e-6.
+    backend : {"auto", "numpy", "numba"} or None
+
+    Notes
+    -----
+    ``x`` of shape (N, D) normalises each of the D features. For (N, C, *spatial) input the size
+    of ``gamma`` decides: C values normalise per channel over (N, *spatial); ``C*H*W`` values
+    normalise per activation, as the book does by flattening the input to (N, C*H*W).
+
+    A training batch with one value per feature gives a UserWarning (its variance is 0, so the
+    output is ``beta`` and ``dx`` is 0); the book's own gradient check runs one.
+
+    After ``forward(x, train_flg=False)``, ``backward`` gives the gradient of the inference
+    transform (the layer frozen) and still sets ``dgamma`` and ``dbeta``.
+    """
+
+    def __init__(
+        self,
+        gamma: np.ndarray,
+        beta: np.ndarray,
+        momentum: float = 0.9,
+        running_mean: np.ndarray | None = None,
+        running_var: np.ndarray | None = None,
+        eps: float = 1e-6,
+        *,
+        backend: str | Backend | None = None,
+    ) -> None:
+        gamma = gamma if isinstance(gamma, np.ndarray) else np.asarray(gamma, dtype=np.float64)
+        beta = beta if isinstance(beta, np.ndarray) else np.asarray(beta, dtype=np.float64)
+        F.compute_dtype(gamma.dtype, "gamma")
+        F.compute_dtype(beta.dtype, "beta")
+        if gamma.size != beta.size:
+            raise ValueError(
+                f"expected gamma and beta of the same size, got {gamma.shape} and {beta.shape}"
+            )
+        _check_momentum(momentum, allow_none=False)
+        self.gamma = gamma
+        self.beta = beta
+        self.momentum = momentum
+        self.eps = F._check_eps(eps)
+        self.running_mean = None if running_mean is None else np.asarray(running_mean)
+        self.running_var = None if running_var is None else np.asarray(running_var)
+        for name in ("running_mean", "running_var"):
+            v = getattr(self, name)
+            if v is not None and v.size != gamma.size:
+                raise ValueError(
+                    f"expected {name} with {gamma.size} values (gamma's size), got {v.shape}"
+                )
+        self.backend = get_backend(backend)
+        self.dgamma: np.ndarray | None = None
+        self.dbeta: np.ndarray | None = None
+        self._cache: F.BatchNormCache | None = None
+
+    def _layout(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """``x`` (reshaped for the per-activation mode) and its feature axis."""
+        x = np.asarray(x)
+        F.compute_dtype(x.dtype)
+        size = self.gamma.size
+        if x.ndim == 2:
+            if x.shape[1] != size:
+                raise ValueError(
+                    f"expected x of shape (N, {size}) for gamma of shape {self.gamma.shape}, "
+                    f"got {x.shape}"
+                )
+            return x, 1
+        if not 3 <= x.ndim <= 5:
+            raise ValueError(
+                f"expected input with 2 to 5 dims, got {x.ndim}-D of shape {x.shape}"
+            )
+        if x.shape[1] == size:
+            return x, 1
+        if math.prod(x.shape[1:]) == size:
+            return x.reshape(x.shape[0], size), 1
+        raise ValueError(
+            f"gamma of shape {self.gamma.shape} fits neither per-channel nor per-activation "
+            f"normalisation of x with shape {x.shape}: expected {x.shape[1]} "
+            f"or {math.prod(x.shape[1:])} values"
+        )
+
+    def forward(self, x: np.ndarray, train_flg: bool = True) -> np.ndarray:
+        """Normalise `x`: batch statistics when `train_flg`, running statistics otherwise.
+
+        Parameters
+        ----------
+        x : ndarray of shape (N, D) or (N, C, *spatial) with 1 to 3 spatial dims
+        train_flg : bool, default True
+
+        Returns
+        -------
+        out : ndarray, same shape and dtype as `x`
+        """
+        x2, axis = self._layout(x)
+        size = self.gamma.size
+        gamma = self.gamma.reshape(size)
+        beta = self.beta.reshape(size)
+        dtype = self.gamma.dtype
+        rmean = np.zeros(size, dtype) if self.running_mean is None else self.running_mean
+        rvar = np.ones(size, dtype) if self.running_var is None else self.running_var
+        if train_flg:
+            out, cache = F.batch_norm_train(
+                x2, gamma, beta, axis=axis, eps=self.eps, backend=self.backend
+            )
+            if not (np.isfinite(cache.mean).all() and np.isfinite(cache.var).all()):
+                raise _nonfinite_error(cache.mean, cache.var, np.shape(x))
+            if cache.count == 1:
+                warnings.warn(
+                    f"training batch of shape {np.shape(x)} has one value per feature: its "
+                    "variance is 0, the output is beta and dx is 0",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            new_mean, new_var = F.update_running_stats(
+                rmean.reshape(size), rvar.reshape(size), cache.mean, cache.var, cache.count,
+                momentum=self.momentum, num_batches_tracked=1,
+            )
+        else:
+            out, cache = F.batch_norm_inference(
+                x2, gamma, beta, rmean.reshape(size), rvar.reshape(size),
+                axis=axis, eps=self.eps, backend=self.backend, return_cache=True,
+            )
+        # Nothing above changed the layer; now commit.
+        self.running_mean, self.running_var = rmean, rvar
+        if train_flg:
+            np.copyto(rmean, new_mean.reshape(rmean.shape))
+            np.copyto(rvar, new_var.reshape(rvar.shape))
+        self._cache = cache
+        self._input_shape = np.shape(x)
+        return out.reshape(np.shape(x))
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """Gradient with respect to the last forward's input; sets `dgamma` and `dbeta`.
+
+        Parameters
+        ----------
+        dout : ndarray, same shape as the last forward's `x`
+
+        Returns
+        -------
+        dx : ndarray, same shape and dtype as the last forward's `x`
+        """
+        if self._cache is None:
+            raise RuntimeError("backward called before forward: expected a forward call first")
+        dout = np.asarray(dout)
+        if dout.shape != self._input_shape:
+            raise ValueError(
+                f"expected dout of shape {self._input_shape} (the forward input's), "
+                f"got {dout.shape}"
+            )
+        dx, dgamma, dbeta = F.batch_norm_backward(dout.reshape(self._cache.shape), self._cache)
+        self.dgamma = dgamma.reshape(self.gamma.shape)
+        self.dbeta = dbeta.reshape(self.beta.shape)
+        return dx.reshape(self._input_shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNormalization(features={self.gamma.size}, momentum={self.momentum}, "
+            f"eps={self.eps}, backend={self.backend.name!r})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the modern layer
+
+
+def _check_momentum(momentum, allow_none: bool = True) -> None:
+    if momentum is None and allow_none:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating)):
+        raise TypeError(f"expected momentum to be a float in [0, 1], got {momentum!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"expected momentum in [0, 1], got {momentum}")
+
+
+class _NormBase:
+    """Parameters, running statistics, reset, repr and (de)serialisation."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.9,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        unbiased: bool = False,
+        dtype: Any = np.float32,
+        backend: str | Backend | None = None,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+            raise TypeError(f"expected num_features to be an int, got {num_features!r}")
+        if num_features < 1:
+            raise ValueError(f"expected num_features >= 1, got {num_features}")
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"expected axis to be an int, got {axis!r}")
+        _check_momentum(momentum)
+        dtype = np.dtype(dtype)
+        F.compute_dtype(dtype, "dtype")
+        self.num_features = int(num_features)
+        self.axis = int(axis)
+        self.eps = F._check_eps(eps)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.unbiased = bool(unbiased)
+        self.dtype = dtype
+        self.backend = get_backend(backend)
+        self.training = True
+        c = self.num_features
+        self.gamma = np.ones(c, dtype) if self.affine else None
+        self.beta = np.zeros(c, dtype) if self.affine else None
+        self.dgamma: np.ndarray | None = None
+        self.dbeta: np.ndarray | None = None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(c, dtype)
+            self.running_var = np.ones(c, dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = None
+            self.num_batches_tracked = None
+        self._cache: F.BatchNormCache | None = None
+
+    # mode ------------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        """Training mode (batch statistics, running averages updated). Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Inference mode (running statistics). Returns self."""
+        return self.train(False)
+
+    # parameters ------------------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The learnable arrays by name, for optimisers that update them in place."""
+        return {"gamma": self.gamma, "beta": self.beta} if self.affine else {}
+
+    @property
+    def grads(self) -> dict[str, np.ndarray | None]:
+        """Gradients from the last backward, keyed as `params`."""
+        return {"gamma": self.dgamma, "beta": self.dbeta} if self.affine else {}
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batches tracked."""
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, gamma to 1 and beta to 0."""
+        self.reset_running_stats()
+        if self.affine:
+            self.gamma.fill(1)
+            self.beta.fill(0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, axis={self.axis}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"unbiased={self.unbiased}, dtype={self.dtype.name}, backend={self.backend.name!r}"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    # state -----------------------------------------------------------------------------------
+    def _state_keys(self) -> tuple[str, ...]:
+        keys = ("gamma", "beta") if self.affine else ()
+        if self.track_running_stats:
+            keys += ("running_mean", "running_var", "num_batches_tracked")
+        return keys
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the layer's arrays: ``gamma, beta, running_mean, running_var,
+        num_batches_tracked`` (those the layer has)."""
+        out = {}
+        for k in self._state_keys():
+            v = getattr(self, k)
+            out[k] = np.array(v, dtype=np.int64) if k == "num_batches_tracked" else v.copy()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy `state` into the layer after checking every name, shape and dtype.
+
+        Float arrays of any float dtype are cast to the layer's dtype; ``num_batches_tracked``
+        must be an integer scalar. Raises (KeyError, ValueError or TypeError) and changes
+        nothing when anything does not fit.
+        """
+        expected = set(self._state_keys())
+        got = set(state)
+        if got != expected:
+            raise KeyError(
+                f"state_dict keys do not match: missing {sorted(expected - got)}, "
+                f"unexpected {sorted(got - expected)}"
+            )
+        new = {}
+        for k in self._state_keys():
+            v = np.asarray(state[k])
+            if k == "num_batches_tracked":
+                if v.shape != () or not np.issubdtype(v.dtype, np.integer):
+                    raise TypeError(
+                        f"expected num_batches_tracked to be an integer scalar, "
+                        f"got {v.dtype} of shape {v.shape}"
+                    )
+                if v < 0:
+                    raise ValueError(f"expected num_batches_tracked >= 0, got {int(v)}")
+                new[k] = int(v)
+                continue
+            if v.dtype.type not in (np.float16, np.float32, np.float64):
+                raise TypeError(f"expected {k} of a float dtype, got {v.dtype}")
+            if v.shape != (self.num_features,):
+                raise ValueError(f"expected {k} of shape ({self.num_features},), got {v.shape}")
+            new[k] = v
+        for k, v in new.items():
+            if k == "num_batches_tracked":
+                self.num_batches_tracked = v
+            else:
+                np.copyto(getattr(self, k), v, casting="unsafe")
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "class": type(self).__name__,
+            "num_features": self.num_features,
+            "axis": self.axis,
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "affine": self.affine,
+            "track_running_stats": self.track_running_stats,
+            "unbiased": self.unbiased,
+            "dtype": self.dtype.name,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the configuration and state to an ``.npz`` file (no pickle)."""
+        arrays = self.state_dict()
+        arrays["config"] = np.array(json.dumps(self._config()))
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def load(path: str | os.PathLike, *, backend: str | Backend | None = None) -> BatchNorm:
+    """Read a layer written by ``layer.save(path)``; the file is read with ``allow_pickle=False``.
+
+    Raises
+    ------
+    ValueError
+        When the file is not a saved layer or holds object arrays (which need pickle).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as err:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a batchnorm layer file readable without pickle: {err}"
+        ) from err
+    if "config" not in arrays or arrays["config"].dtype.kind != "U":
+        raise ValueError(f"{os.fspath(path)!r} has no 'config' entry; expected a saved layer")
+    config = json.loads(str(arrays.pop("config")))
+    cls = config.pop("class", "BatchNorm")
+    if cls not in ("BatchNorm", "SyncBatchNorm"):
+        raise ValueError(f"expected a saved BatchNorm, got class {cls!r}")
+    num_features = config.pop("num_features")
+    layer = BatchNorm(num_features, backend=backend, **config)
+    layer.load_state_dict(arrays)
+    return layer
+
+
+class BatchNorm(_NormBase):
+    """Batch normalization over any layout: the modern layer.
+
+    Parameters
+    ----------
+    num_features : int
+        Size ``C`` of the feature axis.
+    axis : int, default 1
+        The feature axis of the input; ``-1`` for channels-last. Every other axis is reduced.
+    eps : float, default 1e-5
+    momentum : float in [0, 1] or None, default 0.9
+        Weight of the OLD running value (the book's, Keras', Flax's and Chainer's convention;
+        PyTorch's ``momentum=m`` is ours ``1 - m``). None: cumulative average of all batches.
+    affine : bool, default True
+        Learnable ``gamma`` (ones) and ``beta`` (zeros).
+    track_running_stats : bool, default True
+        False: no running statistics; batch statistics in eval mode too.
+    unbiased : bool, default False
+        Store the ``M/(M-1)``-corrected batch variance in ``running_var`` (as PyTorch does).
+    dtype : float16, float32 or float64, default float32
+        Of parameters and running statistics.
+    backend : {"auto", "numpy", "numba"} or None
+
+    Notes
+    -----
+    Input ``x`` of any shape with ``x.shape[axis] == num_features`` and at least 2 dims:
+    (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W), or channels-last with ``axis=-1``.
+
+    Training batches with NaN or Inf raise ValueError and change nothing; in eval mode
+    non-finite values pass through to the output elementwise.
+    """
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x)
+
+    # hooks for subclasses that reduce across processes ----------------------------------------
+    def _validate(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        x, ax = F.check_input(x, self.axis)
+        if x.shape[ax] != self.num_features:
+            raise ValueError(
+                f"expected x.shape[{self.axis}] == num_features == {self.num_features}, "
+                f"got x of shape {x.shape}"
+            )
+        return x, ax
+
+    def _batch_stats(self, x3: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """Count, mean and biased variance per feature of the batch."""
+        mean, var = self.backend.moments(x3)
+        return x3.shape[0] * x3.shape[2], mean, var
+
+    def _reduce_grad_sums(
+        self, sum_dy: np.ndarray, sum_dy_xc: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return sum_dy, sum_dy_xc
+
+    # forward / backward ----------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalise `x`.
+
+        Parameters
+        ----------
+        x : ndarray with ``x.shape[axis] == num_features``
+
+        Returns
+        -------
+        y : ndarray, same shape and dtype as `x`
+
+        Raises
+        ------
+        TypeError
+            For a non-float `x`.
+        ValueError
+            For fewer than 2 dims, an axis out of range, a feature-size mismatch, a training
+            batch with a single value per feature, or non-finite values in a training batch.
+        """
+        x, ax = self._validate(x)
+        x3 = F.as_3d(x, ax, F.compute_dtype(x.dtype))
+        use_batch = self.training or not self.track_running_stats
+        update = self.training and self.track_running_stats
+        if use_batch:
+            count, mean, var = self._batch_stats(x3)
+            if count <= 1 and self.training:
+                raise ValueError(
+                    f"expected more than 1 value per feature in training, got x of shape "
+                    f"{x.shape} ({count} value(s) per feature on axis {self.axis})"
+                )
+            if count == 0:
+                raise ValueError(f"expected a non-empty batch, got x of shape {x.shape}")
+            if self.training and not (np.isfinite(mean).all() and np.isfinite(var).all()):
+                raise _nonfinite_error(mean, var, x.shape)
+        else:
+            mean, var = self.running_mean, self.running_var
+            count = x3.shape[0] * x3.shape[2]
+        y3, center, inv_std = F.normalize_with_stats(
+            x3, mean, var, self.gamma, self.beta, self.eps, self.backend
+        )
+        cache = F.make_cache(
+            x, x3, ax, mean, var, count, use_batch, center, inv_std,
+            self.gamma, self.beta, self.eps, self.backend,
+        )
+        if update:
+            nbt = self.num_batches_tracked + 1
+            new_mean, new_var = F.update_running_stats(
+                self.running_mean, self.running_var, mean, var, count,
+                momentum=self.momentum, num_batches_tracked=nbt, unbiased=self.unbiased,
+            )
+            np.copyto(self.running_mean, new_mean)
+            np.copyto(self.running_var, new_var)
+            self.num_batches_tracked = nbt
+        self._cache = cache
+        return y3.reshape(x.shape).astype(x.dtype, copy=False)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Gradient with respect to the last forward's input; sets `dgamma` and `dbeta`.
+
+        After an eval-mode forward (running statistics) this is the gradient of the fixed
+        inference transform, as autograd gives for a frozen PyTorch layer.
+
+        Parameters
+        ----------
+        dy : ndarray, same shape as the last forward's `x`
+
+        Returns
+        -------
+        dx : ndarray, same shape and dtype as the last forward's `x`
+        """
+        cache = self._cache
+        if cache is None:
+            raise RuntimeError("backward called before forward: expected a forward call first")
+        dy = np.asarray(dy)
+        if dy.shape != cache.shape:
+            raise ValueError(
+                f"expected dy of shape {cache.shape} (the forward input's), got {dy.shape}"
+            )
+        F.compute_dtype(dy.dtype, "dy")
+        dy3 = F.as_3d(dy, cache.axis, cache.x3.dtype)
+        sums = self.backend.grad_sums(dy3, cache.x3, cache.center)
+        dgamma, dbeta = F.param_grads(cache, *sums)
+        if cache.training:
+            # dx needs the sums over the whole batch; dgamma/dbeta stay this process's share.
+            dx3 = F.input_grad(cache, dy3, *F.param_grads(cache, *self._reduce_grad_sums(*sums)))
+        else:
+            dx3 = F.input_grad(cache, dy3, dgamma, dbeta)
+        if self.affine:
+            self.dgamma = dgamma.astype(self.dtype)
+            self.dbeta = dbeta.astype(self.dtype)
+        return dx3.reshape(cache.shape).astype(cache.dtype, copy=False)
