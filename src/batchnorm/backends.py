@@ -67,11 +67,17 @@ def _col(v: np.ndarray) -> np.ndarray:
     return v.reshape(1, -1, 1)
 
 
+# NaN and Inf propagate through the kernels by design (the layers decide what to do with
+# them), so NumPy's warnings about them are noise here.
+_quiet = np.errstate(invalid="ignore", over="ignore")
+
+
 class NumpyBackend:
     """Vectorised NumPy: the reference every other backend is tested against."""
 
     name = "numpy"
 
+    @_quiet
     def moments(self, x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         count = x3.shape[0] * x3.shape[2]
         # Corrected two-pass algorithm: centre on the (rounded) mean, then remove what is left
@@ -85,17 +91,20 @@ class NumpyBackend:
         var = np.maximum(s2 - s1 * s1, 0.0)
         return mean.astype(x3.dtype).astype(np.float64) + s1, var
 
+    @_quiet
     def affine(self, x3, center, scale, shift):
         y = x3 - _col(center)
         y *= _col(scale)
         y += _col(shift)
         return y
 
+    @_quiet
     def grad_sums(self, dy3, x3, center):
         xc = x3 - _col(center)
         xc *= dy3
         return dy3.sum(axis=(0, 2), dtype=np.float64), xc.sum(axis=(0, 2), dtype=np.float64)
 
+    @_quiet
     def grad_input(self, dy3, x3, center, p, q, r):
         dx = x3 - _col(center)
         dx *= _col(q)

@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 _FLOATS = (np.float16, np.float32, np.float64)
+# NaN and Inf propagate by design; the layers decide what to do with them.
+_quiet = np.errstate(invalid="ignore", over="ignore", divide="ignore")
 
 
 @dataclass
@@ -138,6 +140,7 @@ def _split(mean: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
 # building blocks shared with the synchronised layer
 
 
+@_quiet
 def normalize_with_stats(
     x3: np.ndarray,
     mean: np.ndarray,
@@ -164,6 +167,7 @@ def normalize_with_stats(
     return y3, center, inv_std
 
 
+@_quiet
 def param_grads(
     cache: BatchNormCache, sum_dy: np.ndarray, sum_dy_xc: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -173,6 +177,7 @@ def param_grads(
     return cache.inv_std * (sum_dy_xc - lo * sum_dy), sum_dy
 
 
+@_quiet
 def input_grad(
     cache: BatchNormCache, dy3: np.ndarray, dgamma: np.ndarray, dbeta: np.ndarray
 ) -> np.ndarray:
@@ -400,6 +405,7 @@ def batch_norm_backward(
     return dx, dg, db
 
 
+@_quiet
 def update_running_stats(
     running_mean: np.ndarray,
     running_var: np.ndarray,
