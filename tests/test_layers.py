@@ -269,13 +269,18 @@ def test_bad_calls_raise_and_change_nothing(backend, call, error, match, rng):
     assert_same_state(before, layer)
 
 
-def test_axis_out_of_range_and_backward_before_forward():
+def test_axis_out_of_range_and_backward_before_forward(rng):
     layer = bn.BatchNorm(3, axis=3)
-    with pytest.raises(ValueError, match=r"axis 3 is out of range for input with 2 dims"):
-        layer(np.ones((4, 3), np.float32))
+    before = snapshot(layer)
     with pytest.raises(RuntimeError, match=r"backward called before forward"):
         layer.backward(np.ones((4, 3), np.float32))
-    assert layer.num_batches_tracked == 0
+    assert_same_state(before, layer)
+    layer(rng.normal(size=(2, 2, 2, 3)).astype(np.float32))
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"axis 3 is out of range for input with 2 dims"):
+        layer(np.ones((4, 3), np.float32))
+    assert_same_state(before, layer)
+    assert layer.num_batches_tracked == 1
 
 
 @pytest.mark.parametrize(
@@ -417,6 +422,11 @@ def test_book_layer_errors_change_nothing(backend, call, error, match, rng):
     with pytest.raises(error, match=match):
         call(layer)
     assert_same_state(before, layer)
+
+
+def test_book_layer_running_stats_of_the_wrong_size():
+    with pytest.raises(ValueError, match=r"expected running_var with 2 values .*got \(3,\)"):
+        bn.BatchNormalization(np.ones(2), np.zeros(2), 0.9, np.zeros(2), np.ones(3))
 
 
 def test_book_layer_backward_before_forward():
