@@ -1,0 +1,524 @@
+"""Batch normalization synchronised across MPI processes (data-parallel training).
+
+:class:`SyncBatchNorm` computes its training statistics over the batches of all ranks of an
+mpi4py communicator, so that a batch split across processes is normalised as if it were one.
+
+Importing this module does not import mpi4py (nor start MPI); constructing a
+:class:`SyncBatchNorm` or calling a helper that talks to other ranks does, and raises an
+ImportError naming the extra to install when mpi4py or its MPI library is missing.
+
+Notes
+-----
+Forward (training, more than one rank): each rank packs, per feature, its count ``n_r``, mean
+``m_r`` and sum of squared deviations ``M2_r`` into a float64 buffer of ``2C + 2`` values with a
+status code in front, and one ``Allgather`` gives every rank the table of all ranks. Every rank
+merges the table in rank order ``0, 1, ..., P-1`` with Chan et al.'s pairwise update::
+
+    n = n_a + n_b,  d = m_b - m_a,  m = m_a + d * n_b / n,  M2 = M2_a + M2_b + d**2 n_a n_b / n
+
+so all ranks compute bit-identical statistics (same bytes, same operations, same order), and
+the running statistics stay identical on every rank. A rank with no samples contributes
+nothing. Backward: one ``Allreduce`` (sum) of ``sum(dy)`` and ``sum(dy * (x - center))`` per
+feature (``2C + 2`` float64 with two status slots); ``center`` is the global mean rounded to the
+data dtype, the same on every rank, so these sums add up exactly to the whole batch's.
+
+No hangs on bad input: every check that could fail on one rank only (dtype, dims, feature size,
+non-finite values, ``dy`` shape) is made before the collective and its outcome travels *in* the
+collective's buffer, whose size depends only on ``num_features``. So every rank completes the
+same collective and then every rank raises: the failing rank its own error, the others an
+error of the same class naming the failing rank. Nothing is updated on any rank.
+
+A dead rank: MPICH's ``mpiexec`` (Hydra) kills the whole job when a process exits without
+``MPI_Finalize`` (``os._exit``, a signal, a crash). A Python exception that escapes on one rank
+is different: the interpreter calls ``MPI_Finalize`` at exit, which waits for the other ranks,
+which wait in the collective: a hang. Run scripts with ``mpiexec -n P python -m mpi4py
+script.py`` (mpi4py then calls ``MPI_Abort`` on an uncaught exception), or give the layer a
+``timeout``: the collectives are then non-blocking and polled, and a rank that waits longer
+than ``timeout`` seconds prints why and calls ``MPI_Abort``, which ends every rank of the job.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import functional as F
+from .backends import Backend
+from .layers import BatchNorm, _nonfinite_error
+
+__all__ = [
+    "SyncBatchNorm",
+    "allreduce_grads",
+    "convert_sync_batchnorm",
+    "forward_bytes",
+    "backward_bytes",
+    "shard_bounds",
+]
+
+INSTALL_HINT = "pip install 'batchnorm[mpi]'  (mpi4py>=4 and the mpich wheel)"
+
+# Status codes carried in the collectives' buffers. 0 must mean "ok": the backward all-reduce
+# sums them.
+_OK = 0
+_CODES: dict[int, type[Exception]] = {1: TypeError, 2: ValueError, 3: ValueError, 4: RuntimeError}
+_NONFINITE = 3
+
+
+def _mpi():
+    """The ``mpi4py.MPI`` module, or an ImportError that says what to install."""
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise ImportError(
+            f"SyncBatchNorm needs mpi4py and an MPI library ({err}); install them with: "
+            f"{INSTALL_HINT}"
+        ) from err
+    except RuntimeError as err:  # mpi4py present but its MPI library cannot be loaded
+        raise ImportError(
+            f"mpi4py could not load an MPI library ({err}); install one with: {INSTALL_HINT}"
+        ) from err
+    return MPI
+
+
+def _code_of(err: BaseException) -> int:
+    if isinstance(err, TypeError):
+        return 1
+    if isinstance(err, ValueError):
+        return 2
+    return 4
+
+
+def _peer_error(codes: np.ndarray, rank: int, size: int, where: str) -> Exception:
+    """The error a healthy rank raises when other ranks failed (`codes` one per rank)."""
+    bad = [r for r in range(size) if codes[r] != _OK and r != rank]
+    first = bad[0]
+    cls = _CODES.get(int(codes[first]), RuntimeError)
+    what = "non-finite values in its training batch" if codes[first] == _NONFINITE else (
+        f"{cls.__name__}, see that rank's message"
+    )
+    more = f" (and rank(s) {bad[1:]})" if len(bad) > 1 else ""
+    return cls(
+        f"SyncBatchNorm.{where} failed on rank {first} of {size}{more}: {what}; every rank "
+        "raised and nothing was updated"
+    )
+
+
+def forward_bytes(num_features: int, size: int) -> int:
+    """Bytes of the forward ``Allgather`` result on each rank: ``size * (2C + 2)`` float64.
+
+    Each rank sends ``(2C + 2) * 8`` bytes and receives the other ranks' ``(size - 1)`` blocks.
+    """
+    return 8 * size * (2 * num_features + 2)
+
+
+def backward_bytes(num_features: int) -> int:
+    """Bytes of the backward ``Allreduce`` buffer: ``2C + 2`` float64 (sums and two flags)."""
+    return 8 * (2 * num_features + 2)
+
+
+def _merge(table: np.ndarray, c: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """Chan et al.'s pairwise merge of per-rank (count, mean, M2) rows, in rank order.
+
+    Parameters
+    ----------
+    table : ndarray of shape (P, 2C + 2), float64
+        Row ``r``: ``[status, n_r, mean_r (C), M2_r (C)]``.
+
+    Returns
+    -------
+    n : float
+    mean, m2 : ndarray of shape (C,), float64
+    """
+    n = 0.0
+    mean = np.zeros(c)
+    m2 = np.zeros(c)
+    for row in table:
+        nb = row[1]
+        if nb == 0:
+            continue  # an empty shard: nothing to add (and no 0/0)
+        mb = row[2 : 2 + c]
+        m2b = row[2 + c :]
+        if n == 0:
+            n, mean, m2 = nb, mb.copy(), m2b.copy()
+            continue
+        tot = n + nb
+        d = mb - mean
+        mean = mean + d * (nb / tot)
+        m2 = m2 + m2b + d * d * (n * nb / tot)
+        n = tot
+    return n, mean, m2
+
+
+class SyncBatchNorm(BatchNorm):
+    """:class:`~batchnorm.BatchNorm` with statistics over the batches of all MPI ranks.
+
+    Parameters
+    ----------
+    num_features : int
+        Size ``C`` of the feature axis.
+    comm : mpi4py.MPI.Intracomm or None, default None
+        The ranks that share a batch; None means ``MPI.COMM_WORLD``.
+    timeout : float or None, default None
+        Seconds a rank waits in a collective before it reports the problem on stderr and calls
+        ``MPI_Abort`` (ending every rank of the job). None waits forever, with blocking
+        collectives (slightly faster); see the module notes for what happens when a rank dies.
+    **kwargs
+        ``axis, eps, momentum, affine, track_running_stats, unbiased, dtype, backend`` as in
+        :class:`~batchnorm.BatchNorm`.
+
+    Notes
+    -----
+    In training mode, on a communicator of more than one rank, with ``x_r`` the batch of rank
+    ``r`` (any number of samples, zero included) and ``X`` their concatenation along the batch
+    axes in rank order:
+
+    - the output and ``dx`` of each rank are the rows of ``BatchNorm`` applied to ``X``;
+    - the running statistics are ``BatchNorm``'s on ``X`` and identical on every rank;
+    - ``dgamma`` and ``dbeta`` are this rank's share: their sum over ranks (the all-reduce a
+      data-parallel trainer does for every parameter) is ``BatchNorm``'s on ``X``.
+
+    Eval mode and a communicator of one rank use the local path (no communication); with
+    ``track_running_stats=False`` eval mode normalises with the local batch's statistics.
+    Every rank must call ``forward`` and ``backward`` in the same order and the same mode.
+
+    Costs one ``Allgather`` of ``P * (2C + 2)`` float64 per training forward and one
+    ``Allreduce`` of ``2C + 2`` float64 per backward, whatever the batch size.
+
+    Raises
+    ------
+    ImportError
+        When mpi4py or its MPI library is missing.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        comm: Any = None,
+        timeout: float | None = None,
+        axis: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.9,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        unbiased: bool = False,
+        dtype: Any = np.float32,
+        backend: str | Backend | None = None,
+    ) -> None:
+        MPI = _mpi()
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if not isinstance(comm, MPI.Intracomm):
+            raise TypeError(f"expected comm to be an mpi4py Intracomm, got {type(comm).__name__}")
+        if timeout is not None and not (float(timeout) > 0):
+            raise ValueError(f"expected timeout > 0 seconds or None, got {timeout}")
+        super().__init__(
+            num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
+            track_running_stats=track_running_stats, unbiased=unbiased, dtype=dtype,
+            backend=backend,
+        )
+        self.comm = comm
+        self.timeout = None if timeout is None else float(timeout)
+        self._cache_synced = False
+        self._x_shape: tuple[int, ...] = ()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ranks={self.comm.Get_size()}, timeout={self.timeout}"
+
+    def _syncing(self) -> bool:
+        """Whether a forward now communicates: training on more than one rank."""
+        return self.training and self.comm.Get_size() > 1
+
+    # collectives -----------------------------------------------------------------------------
+    def _wait(self, request, what: str) -> None:
+        """Wait for a non-blocking collective, or abort the job after `timeout` seconds."""
+        deadline = time.monotonic() + self.timeout
+        delay = 1e-5
+        while not request.Test():
+            if time.monotonic() > deadline:
+                rank, size = self.comm.Get_rank(), self.comm.Get_size()
+                print(
+                    f"SyncBatchNorm: rank {rank} of {size} waited more than {self.timeout} s in "
+                    f"the {what}; another rank is dead, stuck or calling the layer out of step. "
+                    "Calling MPI_Abort.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.comm.Abort(1)
+            # Sleep a little (growing to 1 ms) so that an oversubscribed machine is not spun on.
+            time.sleep(delay)
+            delay = min(2 * delay, 1e-3)
+
+    def _allgather(self, row: np.ndarray) -> np.ndarray:
+        table = np.empty((self.comm.Get_size(), row.size), dtype=np.float64)
+        if self.timeout is None:
+            self.comm.Allgather(row, table)
+        else:
+            self._wait(self.comm.Iallgather(row, table), "forward all-gather")
+        return table
+
+    def _allreduce(self, buf: np.ndarray) -> np.ndarray:
+        MPI = _mpi()
+        out = np.empty_like(buf)
+        if self.timeout is None:
+            self.comm.Allreduce(buf, out, op=MPI.SUM)
+        else:
+            self._wait(self.comm.Iallreduce(buf, out, op=MPI.SUM), "backward all-reduce")
+        return out
+
+    def _exchange_stats(self, status: int, n: int, mean, m2) -> np.ndarray:
+        c = self.num_features
+        row = np.zeros(2 * c + 2)
+        row[0] = status
+        if status == _OK:
+            row[1] = n
+            row[2 : 2 + c] = mean
+            row[2 + c :] = m2
+        return self._allgather(row)
+
+    # hooks -----------------------------------------------------------------------------------
+    def _validate(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        if not self._syncing():
+            return super()._validate(x)
+        try:
+            x, ax = super()._validate(x)
+        except Exception as err:
+            # The other ranks are on their way into the all-gather of _batch_stats: join it
+            # with a failure code so that they raise too, instead of waiting for us forever.
+            self._exchange_stats(_code_of(err), 0, None, None)
+            raise
+        self._x_shape = x.shape
+        return x, ax
+
+    def _batch_stats(self, x3: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        if not self._syncing():
+            return super()._batch_stats(x3)
+        c = self.num_features
+        n = x3.shape[0] * x3.shape[2]
+        status, own_error = _OK, None
+        if n > 0:
+            mean, var = self.backend.moments(x3)
+            if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+                status, own_error = _NONFINITE, _nonfinite_error(mean, var, self._x_shape)
+            m2 = var * n
+        else:
+            # An empty shard: its moments would be 0/0; it contributes count 0.
+            mean = m2 = np.zeros(c)
+        table = self._exchange_stats(status, n, mean, m2)
+        if own_error is not None:
+            raise own_error
+        if (table[:, 0] != _OK).any():
+            raise _peer_error(table[:, 0], self.comm.Get_rank(), self.comm.Get_size(), "forward")
+        total, gmean, gm2 = _merge(table, c)
+        count = int(total)
+        var = gm2 / count if count > 0 else gm2
+        return count, gmean, var
+
+    def _reduce_grad_sums(
+        self, sum_dy: np.ndarray, sum_dy_xc: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if not self._cache_synced:
+            return sum_dy, sum_dy_xc
+        c = self.num_features
+        buf = np.zeros(2 * c + 2)
+        buf[:c] = sum_dy
+        buf[c : 2 * c] = sum_dy_xc
+        out = self._allreduce(buf)
+        self._raise_if_failed(out)
+        return out[:c], out[c : 2 * c]
+
+    def _raise_if_failed(self, out: np.ndarray) -> None:
+        failed = int(out[-1])
+        if failed:
+            size = self.comm.Get_size()
+            if failed == 1:  # the slot before holds that rank + 1
+                codes = np.zeros(size)
+                codes[int(out[-2]) - 1] = 4
+                raise _peer_error(codes, self.comm.Get_rank(), size, "backward")
+            raise RuntimeError(
+                f"SyncBatchNorm.backward failed on {failed} of {size} ranks (see their "
+                "messages); every rank raised"
+            )
+
+    # forward / backward ----------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalise `x`; in training, with the statistics of all ranks' batches together.
+
+        Parameters
+        ----------
+        x : ndarray with ``x.shape[axis] == num_features``
+            This rank's part of the batch; it may have zero samples.
+
+        Returns
+        -------
+        y : ndarray, same shape and dtype as `x`
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`BatchNorm.forward`, on every rank when the input of any rank is
+            invalid: the failing rank raises its own error, the others one of the same class
+            that names the failing rank.
+        """
+        synced = self._syncing()
+        y = super().forward(x)
+        # Only reached when the forward succeeded, i.e. together with the new cache.
+        self._cache_synced = synced
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Gradient with respect to the last forward's input; sets this rank's `dgamma` and
+        `dbeta` (sum them over ranks for the whole batch's).
+
+        Parameters
+        ----------
+        dy : ndarray, same shape as the last forward's `x`
+
+        Returns
+        -------
+        dx : ndarray, same shape and dtype as the last forward's `x`
+            Equal to the rows of the whole batch's ``dx`` for this rank's samples.
+
+        Raises
+        ------
+        ValueError, TypeError
+            For a `dy` of the wrong shape or dtype; every rank raises when one rank's `dy` is
+            bad (the others a RuntimeError naming it).
+        """
+        cache = self._cache
+        if cache is None or not (cache.training and self._cache_synced):
+            return super().backward(dy)
+        try:
+            dy = np.asarray(dy)
+            if dy.shape != cache.shape:
+                raise ValueError(
+                    f"expected dy of shape {cache.shape} (the forward input's), got {dy.shape}"
+                )
+            F.compute_dtype(dy.dtype, "dy")
+        except Exception:
+            # Join the all-reduce the other ranks are entering, flagged, then raise.
+            buf = np.zeros(2 * self.num_features + 2)
+            buf[-2] = self.comm.Get_rank() + 1
+            buf[-1] = 1
+            self._allreduce(buf)
+            raise
+        return super().backward(dy)
+
+
+# ---------------------------------------------------------------------------------------------
+# converting a network
+
+
+def convert_sync_batchnorm(model: Any, comm: Any = None, *, timeout: float | None = None) -> Any:
+    """Replace every :class:`~batchnorm.BatchNorm` in `model` by a :class:`SyncBatchNorm`.
+
+    The new layers share the old ones' arrays (``gamma``, ``beta``, running statistics), mode
+    and settings, so an optimiser that holds those arrays keeps working.
+
+    Parameters
+    ----------
+    model : a layer, or an object holding layers in attributes, lists, tuples or dicts
+        (a toolkit ``Sequential``, say), walked recursively.
+    comm : mpi4py.MPI.Intracomm or None
+        As in :class:`SyncBatchNorm`.
+    timeout : float or None
+        As in :class:`SyncBatchNorm`.
+
+    Returns
+    -------
+    model
+        The same object with its layers replaced in place, or the new layer when `model` is
+        itself a ``BatchNorm``.
+    """
+    memo: dict[int, Any] = {}
+
+    def convert(obj: Any) -> Any:
+        if id(obj) in memo:  # shared layers stay shared; cycles end here
+            return memo[id(obj)]
+        memo[id(obj)] = obj
+        if isinstance(obj, BatchNorm) and not isinstance(obj, SyncBatchNorm):
+            new = SyncBatchNorm(
+                obj.num_features, comm=comm, timeout=timeout, axis=obj.axis, eps=obj.eps,
+                momentum=obj.momentum, affine=obj.affine,
+                track_running_stats=obj.track_running_stats, unbiased=obj.unbiased,
+                dtype=obj.dtype, backend=obj.backend,
+            )
+            # Share the very arrays (and mode, counters, cache) rather than copying them.
+            for key, value in vars(obj).items():
+                setattr(new, key, value)
+            new._cache_synced = False
+            memo[id(obj)] = new
+            return new
+        if isinstance(obj, list):
+            for i, item in enumerate(obj):
+                obj[i] = convert(item)
+        elif isinstance(obj, tuple):
+            items = tuple(convert(item) for item in obj)
+            if any(a is not b for a, b in zip(items, obj, strict=True)):
+                new = type(obj)(items) if type(obj) is tuple else type(obj)(*items)
+                memo[id(obj)] = new
+                return new
+        elif isinstance(obj, dict):
+            for key in list(obj):
+                obj[key] = convert(obj[key])
+        elif _walkable(obj):
+            for key, value in list(vars(obj).items()):
+                new = convert(value)
+                if new is not value:
+                    setattr(obj, key, new)
+        return obj
+
+    return convert(model)
+
+
+def _walkable(obj: Any) -> bool:
+    # Walk user objects (layers, containers), not arrays, modules, classes or functions.
+    return hasattr(obj, "__dict__") and not isinstance(
+        obj,
+        (type, types.ModuleType, types.FunctionType, types.MethodType, np.ndarray),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# data-parallel helpers
+
+
+def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank `rank`'s share of `n` samples split over `size` ranks.
+
+    The first ``n % size`` ranks get one sample more, so shards differ by at most one (and are
+    empty when ``n < size``).
+    """
+    base, extra = divmod(int(n), int(size))
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def allreduce_grads(grads: Sequence[np.ndarray], comm: Any = None) -> None:
+    """Sum each gradient array over the ranks of `comm`, in place, in one ``Allreduce``.
+
+    The arrays are packed into one float64 buffer (whatever their dtypes) so that a step costs
+    one collective, and unpacked back into their own dtype.
+    """
+    MPI = _mpi()
+    comm = MPI.COMM_WORLD if comm is None else comm
+    if comm.Get_size() == 1 or not grads:
+        return
+    flat = np.concatenate([np.asarray(g, dtype=np.float64).ravel() for g in grads])
+    out = np.empty_like(flat)
+    comm.Allreduce(flat, out, op=MPI.SUM)
+    i = 0
+    for g in grads:
+        g[...] = out[i : i + g.size].reshape(g.shape)
+        i += g.size
+
+
+def on_root(fn: Callable[[], Any], comm: Any = None) -> Any:
+    """Call `fn` on rank 0 only (printing, writing files); return its result there, else None."""
+    comm = _mpi().COMM_WORLD if comm is None else comm
+    return fn() if comm.Get_rank() == 0 else None

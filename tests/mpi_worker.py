@@ -1,0 +1,188 @@
+"""Checks run on every rank under ``mpiexec`` by tests/test_distributed.py (not a test module).
+
+Usage: ``mpiexec -n P python -m mpi4py tests/mpi_worker.py MODE [ARGS]`` (``-m mpi4py`` makes an
+uncaught exception on one rank abort the job instead of hanging it). Each rank prints
+``rank R ok MODE ...`` when its checks pass; any failed check raises.
+
+Modes
+-----
+exact SIZES BACKENDS
+    SyncBatchNorm against BatchNorm on the concatenated batch, with rank ``r`` holding
+    ``SIZES[r]`` samples (comma-separated; zeros allowed): forward, backward, running
+    statistics, eval mode, float32 and float64, three layouts.
+bad K
+    Rank K gets invalid input (feature size, dtype, NaN, dy shape); every rank must raise, and
+    the layer must work afterwards.
+dead
+    Rank 1 ends with ``os._exit(1)`` before the forward; the others wait in it (no timeout).
+stuck
+    Rank 1 never enters the forward; the others have ``timeout=2`` and must abort the job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from batchnorm import BatchNorm
+from batchnorm.distributed import SyncBatchNorm
+
+COMM = MPI.COMM_WORLD
+RANK = COMM.Get_rank()
+SIZE = COMM.Get_size()
+
+# (shape of one sample, axis): the batch axis is 0 in every layout.
+LAYOUTS = [((6,), 1), ((3, 4, 5), 1), ((4, 5, 3), -1)]
+# float64: exact up to the rounding of a different summation order. float32: its round-off.
+TOL = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-5)}
+
+
+def allsum(a: np.ndarray) -> np.ndarray:
+    out = np.empty_like(np.asarray(a, dtype=np.float64))
+    COMM.Allreduce(np.asarray(a, dtype=np.float64), out, op=MPI.SUM)
+    return out
+
+
+def same_on_all_ranks(a: np.ndarray) -> bool:
+    """True when `a` has the very same bytes on every rank."""
+    a = np.ascontiguousarray(a)
+    table = np.empty((SIZE, a.size), dtype=a.dtype)
+    COMM.Allgather(a.ravel(), table)
+    return all(np.array_equal(table[0].view(np.uint8), row.view(np.uint8)) for row in table)
+
+
+def close(name: str, got, want, tol: dict, worst: dict) -> None:
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    if got.size:
+        err = float(np.max(np.abs(got - want) / (tol["atol"] + tol["rtol"] * np.abs(want))))
+        worst[name] = max(worst.get(name, 0.0), err)
+    np.testing.assert_allclose(got, want, err_msg=f"rank {RANK}: {name}", **tol)
+
+
+def check_exact(sizes: list[int], backends: list[str]) -> str:
+    assert len(sizes) == SIZE, f"expected {SIZE} shard sizes, got {sizes}"
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    lo, hi = int(starts[RANK]), int(starts[RANK + 1])
+    total = int(starts[-1])
+    worst: dict[str, float] = {}
+    for backend in backends:
+        for dtype in (np.float64, np.float32):
+            tol = TOL[dtype]
+            tag = f"{backend}/{np.dtype(dtype).name[5:]}:"
+            for sample, axis in LAYOUTS:
+                c = sample[axis] if axis == -1 else sample[0]
+                # Every rank draws the same global data; rank r keeps rows [lo, hi).
+                rng = np.random.default_rng(1234)
+                ref = BatchNorm(c, axis=axis, dtype=dtype, momentum=0.8, unbiased=True,
+                                backend="numpy")
+                syn = SyncBatchNorm(c, axis=axis, dtype=dtype, momentum=0.8, unbiased=True,
+                                    backend=backend)
+                for layer in (ref, syn):
+                    layer.gamma[:] = np.linspace(0.5, 2.0, c)
+                    layer.beta[:] = np.linspace(-1.0, 1.0, c)
+                for step in range(3):
+                    # A large common offset: the merge must stay stable where the one-pass
+                    # formula E[x^2] - E[x]^2 would cancel.
+                    x = (rng.standard_normal((total, *sample)) * (1 + step) + 100).astype(dtype)
+                    dy = rng.standard_normal(x.shape).astype(dtype)
+                    y_ref = ref.forward(x)
+                    dx_ref = ref.backward(dy)
+                    y = syn.forward(x[lo:hi])
+                    dx = syn.backward(dy[lo:hi])
+                    assert y.dtype == dx.dtype == dtype and y.shape == (hi - lo, *sample)
+                    close(tag + "y", y, y_ref[lo:hi], tol, worst)
+                    close(tag + "dx", dx, dx_ref[lo:hi], tol, worst)
+                    close(tag + "dgamma", allsum(syn.dgamma), ref.dgamma, tol, worst)
+                    close(tag + "dbeta", allsum(syn.dbeta), ref.dbeta, tol, worst)
+                    close(tag + "running_mean", syn.running_mean, ref.running_mean, tol, worst)
+                    close(tag + "running_var", syn.running_var, ref.running_var, tol, worst)
+                    assert syn.num_batches_tracked == ref.num_batches_tracked == step + 1
+                    assert same_on_all_ranks(syn.running_mean), "running_mean differs by rank"
+                    assert same_on_all_ranks(syn.running_var), "running_var differs by rank"
+                # Eval mode: the local path, with the (synchronised) running statistics.
+                syn.eval()
+                ref.eval()
+                x = rng.standard_normal((total, *sample)).astype(dtype)
+                close(tag + "y_eval", syn.forward(x[lo:hi]), ref.forward(x)[lo:hi], tol, worst)
+                dy = rng.standard_normal(x.shape).astype(dtype)
+                close(tag + "dx_eval", syn.backward(dy[lo:hi]), ref.backward(dy)[lo:hi], tol, worst)
+    # Worst error in units of the tolerance (< 1 passes), for the report.
+    return " ".join(f"{k}={v:.2g}" for k, v in sorted(worst.items()))
+
+
+def expect_raise(fn, cls, *needles: str) -> str:
+    try:
+        fn()
+    except cls as err:
+        msg = str(err)
+        for needle in needles:
+            assert needle in msg, f"rank {RANK}: {needle!r} not in {msg!r}"
+        return msg
+    raise AssertionError(f"rank {RANK}: expected {cls.__name__}")
+
+
+def check_bad(k: int) -> str:
+    c = 4
+    rng = np.random.default_rng(7)
+    layer = SyncBatchNorm(c, dtype=np.float64, backend="numpy")
+    good = rng.standard_normal((5, c, 3))
+    me = RANK == k
+    peer = () if me else (f"rank {k} of {SIZE}",)
+    cases = [
+        ("feature size", rng.standard_normal((5, c + 1, 3)), ValueError, "num_features"),
+        ("dtype", np.ones((5, c, 3), dtype=np.int64), TypeError, "dtype"),
+        ("ndim", np.ones(5), ValueError, "2 dims"),
+        ("nan", np.where(np.arange(5)[:, None, None] == 2, np.nan, good), ValueError, "finite"),
+    ]
+    for _name, bad, cls, needle in cases:
+        x = bad if me else good
+        expect_raise(lambda x=x: layer.forward(x), cls, *((needle,) if me else peer))
+        # Nothing was updated on any rank.
+        assert layer.num_batches_tracked == 0 and layer._cache is None
+        assert np.all(layer.running_mean == 0) and np.all(layer.running_var == 1)
+    # The layer still works, on every rank.
+    layer.forward(good)
+    assert layer.num_batches_tracked == 1
+    dy = rng.standard_normal(good.shape)
+    bad_dy = dy[:, :, :2] if me else dy
+    expect_raise(lambda: layer.backward(bad_dy), (ValueError, RuntimeError),
+                 *(("dy",) if me else peer))
+    dx = layer.backward(dy)
+    assert dx.shape == good.shape and np.isfinite(dx).all()
+    # The check is in the collective: no rank proceeded past it, so all reach here together.
+    COMM.Barrier()
+    return f"{len(cases) + 1} bad inputs raised on every rank"
+
+
+def main(argv: list[str]) -> int:
+    mode = argv[0]
+    if mode == "exact":
+        info = check_exact([int(s) for s in argv[1].split(",")], argv[2].split(","))
+    elif mode == "bad":
+        info = check_bad(int(argv[1]))
+    elif mode in ("dead", "stuck"):
+        layer = SyncBatchNorm(3, dtype=np.float64, backend="numpy",
+                              timeout=2.0 if mode == "stuck" else None)
+        x = np.random.default_rng(RANK).standard_normal((4, 3))
+        layer.forward(x)  # everyone is alive: fine
+        print(f"rank {RANK} passed the first forward", flush=True)
+        if RANK == 1:
+            if mode == "dead":
+                os._exit(1)
+            time.sleep(60)  # "stuck": never reaches the next forward in time
+        layer.forward(x)
+        info = "second forward returned (it should not have)"
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    print(f"rank {RANK} ok {mode} {info}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

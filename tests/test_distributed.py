@@ -1,0 +1,218 @@
+"""SyncBatchNorm: exactness under real MPI (``mpiexec -n 2, 3, 4`` as subprocesses), no hangs,
+the size-1 path, converting a network, and the optional dependency."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batchnorm import BatchNorm
+from batchnorm.distributed import (
+    _merge,
+    backward_bytes,
+    convert_sync_batchnorm,
+    forward_bytes,
+    shard_bounds,
+)
+
+HERE = Path(__file__).parent
+WORKER = HERE / "mpi_worker.py"
+TIMEOUT = 120  # seconds: a hang fails the test instead of the CI job
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Several ranks on few cores: one thread each, or they fight over the cores.
+    env.update(OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               OPENBLAS_NUM_THREADS="1")
+    src = str(HERE.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def run_mpi(n: int, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """Run the worker on `n` ranks; ``-m mpi4py`` turns a failed check into an abort."""
+    pytest.importorskip("mpi4py")
+    exe = _mpiexec()
+    if exe is None:
+        pytest.skip("mpiexec not found")
+    cmd = [exe, "-n", str(n), sys.executable, "-m", "mpi4py", str(WORKER), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def assert_all_ok(proc: subprocess.CompletedProcess, n: int, mode: str) -> None:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for r in range(n):
+        assert f"rank {r} ok {mode}" in proc.stdout, out
+
+
+def _backends() -> str:
+    from batchnorm import available_backends
+
+    return ",".join(available_backends())
+
+
+# ---------------------------------------------------------------------------------------------
+# under mpiexec
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        pytest.param("6,6", id="n2-even"),
+        pytest.param("2,9,4", id="n3-uneven"),
+        pytest.param("5,0,7,3", id="n4-empty-shard"),
+    ],
+)
+def test_sync_equals_batchnorm_on_concatenated_batch(sizes):
+    n = len(sizes.split(","))
+    # Every backend on the hardest split; the reference backend elsewhere (numba compiles on
+    # every rank, which is slow).
+    backends = _backends() if n == 4 else "numpy"
+    proc = run_mpi(n, "exact", sizes, backends)
+    assert_all_ok(proc, n, "exact")
+
+
+@pytest.mark.parametrize("n, bad_rank", [(2, 1), (3, 0)])
+def test_bad_input_on_one_rank_raises_on_every_rank(n, bad_rank):
+    proc = run_mpi(n, "bad", str(bad_rank), timeout=60)
+    assert_all_ok(proc, n, "bad")
+
+
+def test_dead_rank_ends_the_job():
+    # MPICH's mpiexec kills the job when a process exits without MPI_Finalize.
+    t0 = time.monotonic()
+    proc = run_mpi(3, "dead", timeout=60)
+    assert proc.returncode != 0
+    assert "ok dead" not in proc.stdout
+    assert time.monotonic() - t0 < 60
+
+
+def test_stuck_rank_times_out_and_aborts():
+    # Rank 1 sleeps 60 s; the others have timeout=2 and must end the job long before.
+    proc = run_mpi(3, "stuck", timeout=30)
+    assert proc.returncode != 0
+    assert "ok stuck" not in proc.stdout
+    assert "waited more than 2.0 s" in proc.stderr
+    assert "MPI_Abort" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# in this process
+
+
+def test_importing_batchnorm_does_not_import_mpi():
+    code = (
+        "import sys, batchnorm, batchnorm.distributed; "
+        "assert 'mpi4py' not in sys.modules, 'mpi4py imported'; print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_env(), timeout=60)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_missing_mpi4py_is_an_import_error_that_says_what_to_install(monkeypatch):
+    import batchnorm
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    cls = batchnorm.SyncBatchNorm  # the class itself is importable
+    with pytest.raises(ImportError, match=r"pip install 'batchnorm\[mpi\]'"):
+        cls(4)
+
+
+def test_single_rank_is_the_local_path():
+    MPI = pytest.importorskip("mpi4py.MPI")
+    from batchnorm import SyncBatchNorm
+
+    rng = np.random.default_rng(0)
+    ref = BatchNorm(5, dtype=np.float64, backend="numpy")
+    syn = SyncBatchNorm(5, comm=MPI.COMM_SELF, dtype=np.float64, backend="numpy")
+    for _ in range(2):
+        x = rng.standard_normal((8, 5, 3))
+        dy = rng.standard_normal(x.shape)
+        np.testing.assert_array_equal(syn.forward(x), ref.forward(x))
+        np.testing.assert_array_equal(syn.backward(dy), ref.backward(dy))
+        np.testing.assert_array_equal(syn.dgamma, ref.dgamma)
+        np.testing.assert_array_equal(syn.running_var, ref.running_var)
+    assert "ranks=1" in repr(syn)
+    with pytest.raises(TypeError, match="Intracomm"):
+        SyncBatchNorm(5, comm="world")
+    with pytest.raises(ValueError, match="timeout"):
+        SyncBatchNorm(5, comm=MPI.COMM_SELF, timeout=0)
+
+
+def test_chan_merge_equals_the_whole_batch_moments():
+    rng = np.random.default_rng(3)
+    c = 4
+    parts = [rng.standard_normal((n, c)) * 3 + 1e4 for n in (3, 0, 1, 8, 5)]
+    rows = []
+    for p in parts:
+        n = len(p)
+        mean = p.mean(0) if n else np.zeros(c)
+        m2 = ((p - mean) ** 2).sum(0) if n else np.zeros(c)
+        rows.append(np.concatenate([[0, n], mean, m2]))
+    n, mean, m2 = _merge(np.array(rows), c)
+    whole = np.concatenate(parts)
+    assert n == len(whole)
+    np.testing.assert_allclose(mean, whole.mean(0), rtol=1e-15)
+    np.testing.assert_allclose(m2 / n, whole.var(0), rtol=1e-10)
+    # All shards empty: count 0, no NaN.
+    n0, mean0, m20 = _merge(np.zeros((3, 2 * c + 2)), c)
+    assert n0 == 0 and np.all(mean0 == 0) and np.all(m20 == 0)
+
+
+@pytest.mark.parametrize("n, size", [(10, 4), (3, 4), (0, 2), (12, 3)])
+def test_shard_bounds_partition_the_batch(n, size):
+    bounds = [shard_bounds(n, r, size) for r in range(size)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    lengths = [b - a for a, b in bounds]
+    assert max(lengths) - min(lengths) <= 1
+
+
+def test_bytes_per_step():
+    assert forward_bytes(256, 4) == 8 * 4 * 514
+    assert backward_bytes(256) == 8 * 514
+
+
+def test_convert_sync_batchnorm_shares_arrays():
+    MPI = pytest.importorskip("mpi4py.MPI")
+    from batchnorm import SyncBatchNorm
+
+    class Net:  # any container of layers: attributes, lists, dicts
+        def __init__(self):
+            self.bn = BatchNorm(3, backend="numpy")
+            self.layers = [object(), BatchNorm(4, backend="numpy")]
+            self.layers.append((BatchNorm(2, backend="numpy"),))
+            self.named = {"head": BatchNorm(5, backend="numpy")}
+            self.layers.append(self.bn)  # the same layer twice stays one layer
+
+    net = Net()
+    old = net.bn
+    old.forward(np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32))
+    gamma, rmean = old.gamma, old.running_mean
+    out = convert_sync_batchnorm(net, comm=MPI.COMM_SELF)
+    assert out is net
+    assert isinstance(net.bn, SyncBatchNorm) and net.layers[-1] is net.bn
+    assert isinstance(net.layers[1], SyncBatchNorm)
+    assert isinstance(net.layers[2][0], SyncBatchNorm)
+    assert isinstance(net.named["head"], SyncBatchNorm)
+    assert net.bn.gamma is gamma and net.bn.running_mean is rmean
+    assert net.bn.num_batches_tracked == 1 and net.bn.comm is MPI.COMM_SELF
+    # Converting again changes nothing; a bare layer is returned converted.
+    assert convert_sync_batchnorm(net, comm=MPI.COMM_SELF).bn is net.bn
+    bare = convert_sync_batchnorm(BatchNorm(2, backend="numpy"), comm=MPI.COMM_SELF)
+    assert isinstance(bare, SyncBatchNorm)
