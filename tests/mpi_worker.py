@@ -15,6 +15,8 @@ bad K
     the layer must work afterwards.
 dead
     Rank 1 ends with ``os._exit(1)`` before the forward; the others wait in it (no timeout).
+train BATCH EPOCHS MAX_STEPS
+    Data-parallel training with the demo's loop equals single-process training.
 stuck
     Rank 1 never enters the forward; the others have ``timeout=2`` and must abort the job.
 """
@@ -160,10 +162,64 @@ def check_bad(k: int) -> str:
     return f"{len(cases) + 1} bad inputs raised on every rank"
 
 
+def check_train(batch_size: int, epochs: int, max_steps: int) -> str:
+    """Data-parallel training with the demo's loop against the same training in one process
+    (run on every rank, without communication): curves, losses and parameters.
+
+    ``max_steps > 0`` trains that many steps only, with the one-step tolerance 1e-9 (tiny
+    batches, with a rank holding none, are chaotic: round-off grows ~100x per step there).
+    """
+    from batchnorm.data import load_dataset
+    from batchnorm.demo import build_model, make_batches, train_network
+    from batchnorm.distributed import DataParallel
+    from batchnorm.nn import SGD
+
+    data = load_dataset("digits").subset(300, seed=0).flat()
+    batches = make_batches(len(data.x_train), batch_size, epochs, seed=0)
+    if max_steps:
+        batches = [batches[0][:max_steps]]
+    tol = 1e-9 if max_steps else 1e-6
+    dp = DataParallel()
+    runs = {}
+    for name in ("single", "parallel"):
+        model = build_model("mlp", data, batchnorm=True, weight_init="he", seed=[0, 1])
+        kw = {}
+        if name == "parallel":
+            model = dp.prepare(model)
+            kw = dict(grad_hook=dp.grad_hook, shard=dp.shard, loss_fn=dp.loss_fn())
+        hist = train_network(model, SGD(model.params, 0.05), data, batches, eval_every=1, **kw)
+        runs[name] = (hist, model)
+    (h1, m1), (hp, mp) = runs["single"], runs["parallel"]
+    assert hp.steps == h1.steps and hp.diverged_at_step is None
+    # After one step: loss and parameters within 1e-9; over the run, curves within 1e-6.
+    first = max(abs(a - b) / abs(b) for a, b in zip(hp.loss[:1], h1.loss[:1], strict=True))
+    worst_loss = max(abs(a - b) / abs(b) for a, b in zip(hp.loss, h1.loss, strict=True))
+    acc = [(hp.test_acc, h1.test_acc), (hp.train_acc, h1.train_acc),
+           (hp.step_test_acc, h1.step_test_acc)]
+    worst_acc = max(abs(a - b) for u, v in acc for a, b in zip(u, v, strict=True))
+    # Relative to the largest parameter: the biases before batch norm get no gradient in
+    # exact arithmetic and stay at round-off (1e-18), where elementwise relative errors mean
+    # nothing.
+    scale = max(float(np.max(np.abs(p))) for p in m1.params.values())
+    worst_param = max(float(np.max(np.abs(mp.params[k] - m1.params[k]))) for k in m1.params)
+    worst_param /= scale
+    assert worst_loss < tol and worst_acc == 0.0 and worst_param < tol, (
+        worst_loss, worst_acc, worst_param)
+    for k, v in mp.params.items():
+        assert same_on_all_ranks(v), f"parameter {k} differs between ranks"
+    for layer in mp.layers:
+        if isinstance(layer, SyncBatchNorm):
+            assert same_on_all_ranks(layer.running_var)
+    return (f"steps={hp.steps} loss_rel_first_epoch={first:.1e} loss_rel_max={worst_loss:.1e} "
+            f"acc_diff_max={worst_acc} param_rel_max={worst_param:.1e}")
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "exact":
         info = check_exact([int(s) for s in argv[1].split(",")], argv[2].split(","))
+    elif mode == "train":
+        info = check_train(int(argv[1]), int(argv[2]), int(argv[3]))
     elif mode == "bad":
         info = check_bad(int(argv[1]))
     elif mode in ("dead", "stuck"):

@@ -92,6 +92,20 @@ def test_bad_input_on_one_rank_raises_on_every_rank(n, bad_rank):
     assert_all_ok(proc, n, "bad")
 
 
+@pytest.mark.parametrize(
+    "n, batch, epochs, max_steps",
+    [
+        pytest.param(3, 50, 3, 0, id="n3-uneven-3-epochs"),
+        pytest.param(4, 3, 1, 2, id="n4-empty-shard-2-steps"),
+    ],
+)
+def test_data_parallel_training_equals_single_process(n, batch, epochs, max_steps):
+    pytest.importorskip("sklearn")  # the digits data set
+    pytest.importorskip("batchnorm.demo")
+    proc = run_mpi(n, "train", str(batch), str(epochs), str(max_steps))
+    assert_all_ok(proc, n, "train")
+
+
 def test_dead_rank_ends_the_job():
     # MPICH's mpiexec kills the job when a process exits without MPI_Finalize.
     t0 = time.monotonic()

@@ -42,7 +42,7 @@ from __future__ import annotations
 import sys
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,8 @@ from .backends import Backend
 from .layers import BatchNorm, _nonfinite_error
 
 __all__ = [
+    "DataParallel",
+    "GlobalMeanLoss",
     "SyncBatchNorm",
     "allreduce_grads",
     "convert_sync_batchnorm",
@@ -518,7 +520,103 @@ def allreduce_grads(grads: Sequence[np.ndarray], comm: Any = None) -> None:
         i += g.size
 
 
-def on_root(fn: Callable[[], Any], comm: Any = None) -> Any:
-    """Call `fn` on rank 0 only (printing, writing files); return its result there, else None."""
-    comm = _mpi().COMM_WORLD if comm is None else comm
-    return fn() if comm.Get_rank() == 0 else None
+class GlobalMeanLoss:
+    """Softmax cross-entropy whose value is the mean over the global batch (all ranks).
+
+    Each rank computes its shard's loss; one ``allreduce`` of ``(sum of losses, count)`` gives
+    every rank the global mean, so logs and divergence checks agree on all ranks. ``backward``
+    is the local one: ``backward(local_n / global_n)`` gives this rank's share of the gradient
+    of the global mean. A rank with an empty shard contributes nothing.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Intracomm or None
+    """
+
+    def __init__(self, comm: Any = None) -> None:
+        from .nn import SoftmaxCrossEntropy
+
+        MPI = _mpi()
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self._local = SoftmaxCrossEntropy()
+
+    def __call__(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        return self.forward(logits, labels)
+
+    def forward(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        """Mean loss over all ranks' samples; `logits` (n, K) and `labels` (n,) are this
+        rank's (n may be 0)."""
+        logits = np.asarray(logits)
+        labels = np.asarray(labels)
+        n = labels.shape[0] if labels.ndim == 1 else -1
+        if n == 0 and logits.ndim == 2 and logits.shape[0] == 0:
+            # np.mean of nothing would warn and give NaN; an empty shard adds 0 to the sum.
+            self._local._cache = (np.zeros(logits.shape), labels.astype(np.int64))
+            local = 0.0
+        else:
+            local = self._local.forward(logits, labels) * n
+        total, count = self.comm.allreduce(np.array([local, float(n)]), op=_mpi().SUM)
+        return float(total / count) if count > 0 else float("nan")
+
+    def backward(self, scale: float = 1.0) -> np.ndarray:
+        """Gradient of ``scale * (this rank's mean loss)`` with respect to its logits (n, K)."""
+        return self._local.backward(scale)
+
+
+class DataParallel:
+    """What a training loop needs to run data-parallel over the ranks of `comm`.
+
+    Every rank holds the same model and sees the same sequence of global batches; each
+    computes on its shard, and after backward the parameter gradients are summed over ranks,
+    so that every rank applies the gradient of the global batch's loss and the models stay
+    identical.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Intracomm or None
+        Default ``MPI.COMM_WORLD``.
+    timeout : float or None
+        For the :class:`SyncBatchNorm` layers that :meth:`prepare` creates.
+
+    Examples
+    --------
+    >>> dp = DataParallel()
+    >>> model = dp.prepare(model)                 # BatchNorm -> SyncBatchNorm
+    >>> loss_fn = dp.loss_fn()
+    >>> for idx in global_batches:
+    ...     local = dp.shard(idx)
+    ...     loss = loss_fn(model.forward(x[local]), y[local])
+    ...     model.backward(loss_fn.backward(len(local) / len(idx)))
+    ...     dp.grad_hook(model)                   # all-reduce the gradients
+    ...     optimizer.step(model.grads)
+    """
+
+    def __init__(self, comm: Any = None, *, timeout: float | None = None) -> None:
+        MPI = _mpi()
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.timeout = timeout
+
+    @property
+    def is_root(self) -> bool:
+        """True on rank 0, the rank that prints and writes files."""
+        return self.rank == 0
+
+    def shard(self, idx: np.ndarray) -> np.ndarray:
+        """This rank's part of a global batch of indices (shards differ by at most one)."""
+        lo, hi = shard_bounds(len(idx), self.rank, self.size)
+        return idx[lo:hi]
+
+    def prepare(self, model: Any) -> Any:
+        """`model` with its BatchNorm layers synchronised over `comm` (see
+        :func:`convert_sync_batchnorm`)."""
+        return convert_sync_batchnorm(model, self.comm, timeout=self.timeout)
+
+    def loss_fn(self) -> GlobalMeanLoss:
+        """A softmax cross-entropy that reports the global batch's mean loss."""
+        return GlobalMeanLoss(self.comm)
+
+    def grad_hook(self, model: Any) -> None:
+        """Sum ``model.grads`` over the ranks, in place (one all-reduce)."""
+        allreduce_grads([g for g in model.grads.values() if g is not None], self.comm)
