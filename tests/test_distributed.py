@@ -230,3 +230,24 @@ def test_convert_sync_batchnorm_shares_arrays():
     assert convert_sync_batchnorm(net, comm=MPI.COMM_SELF).bn is net.bn
     bare = convert_sync_batchnorm(BatchNorm(2, backend="numpy"), comm=MPI.COMM_SELF)
     assert isinstance(bare, SyncBatchNorm)
+
+
+def test_convert_sync_batchnorm_on_toolkit_networks():
+    MPI = pytest.importorskip("mpi4py.MPI")
+    from batchnorm import SyncBatchNorm
+    from batchnorm.nn import SGD, cnn
+
+    net = cnn((1, 8, 8), 10, channels=(4,), hidden=(8,), batchnorm=True, backend="numpy")
+    opt = SGD(net.params, 0.1)  # built before the conversion: must still train the network
+    before = [type(layer) for layer in net.layers]
+    convert_sync_batchnorm(net, comm=MPI.COMM_SELF)
+    kinds = [type(layer) for layer in net.layers]
+    assert kinds.count(SyncBatchNorm) == before.count(BatchNorm) == 2
+    assert [k for k in kinds if k is not SyncBatchNorm] == [k for k in before if k is not BatchNorm]
+    assert all(net.params[k] is v for k, v in opt.params.items())
+    x = np.random.default_rng(0).standard_normal((6, 1, 8, 8))
+    out = net.forward(x)
+    net.backward(np.ones_like(out))
+    gamma = net.layers[1].gamma.copy()
+    opt.step(net.grads)
+    assert not np.array_equal(net.layers[1].gamma, gamma)
