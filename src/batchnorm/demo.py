@@ -250,21 +250,27 @@ def build_model(
     if kind == "mlp":
         return mlp(int(np.prod(data.image_shape)), data.num_classes, (100,) * 5, **kw)
     if kind == "cnn":
-        return cnn(data.image_shape, data.num_classes, channels=(16, 32), hidden=(100,), **kw)
+        return cnn(data.image_shape, data.num_classes, channels=(8, 16), hidden=(100,), **kw)
     raise ValueError(f"expected model 'mlp' or 'cnn', got {kind!r}")
 
 
 def _pair(
     kind: str, data: Dataset, weight_init: float | str, seed: Any, batches: Any, lr: float,
     backend: str | None, eval_every: int | None, progress: Callable[[int], None] | None,
+    parallel: Any = None,
 ) -> dict[str, History]:
     """Train the network with and without batch norm from the same weights on the same batches."""
     out = {}
     for key, bn in (("with_bn", True), ("without_bn", False)):
         model = build_model(kind, data, batchnorm=bn, weight_init=weight_init, seed=seed,
                             backend=backend)
+        kw: dict[str, Any] = {}
+        if parallel is not None:  # data-parallel: see batchnorm.distributed.DataParallel
+            model = parallel.prepare(model)
+            kw = dict(grad_hook=parallel.grad_hook, shard=parallel.shard,
+                      loss_fn=parallel.loss_fn())
         out[key] = train_network(model, SGD(model.params, lr), data, batches,
-                                 eval_every=eval_every, progress=progress)
+                                 eval_every=eval_every, progress=progress, **kw)
     return out
 
 
@@ -298,6 +304,7 @@ def run_experiment(
     train_size: int | None = None,
     backend: str | None = "numpy",
     progress: Callable[[int], None] | None = None,
+    parallel: Any = None,
 ) -> dict[str, Any]:
     """Run both experiments and return every curve and the settings.
 
@@ -331,6 +338,9 @@ def run_experiment(
         two runs bit-identical; None uses ``$BATCHNORM_BACKEND`` or the fastest available.
     progress : callable(steps), optional
         Called with the steps done after each epoch of each network.
+    parallel : batchnorm.distributed.DataParallel, optional
+        Train data-parallel over its ranks: each global batch split across them,
+        SyncBatchNorm, gradients all-reduced. The curves equal a single process's.
 
     Returns
     -------
@@ -388,7 +398,8 @@ def run_experiment(
     with _one_blas_thread():
         batches = make_batches(n_train, batch_size, epochs, seed)
         for i, scale in enumerate(scales):
-            pair = _pair(model, data, scale, [seed, i], batches, lr, backend, None, progress)
+            pair = _pair(model, data, scale, [seed, i], batches, lr, backend, None, progress,
+                         parallel)
             results["weight_scale"].append(
                 {"scale": scale, **{k: _grid_curves(h) for k, h in pair.items()}}
             )
@@ -398,7 +409,7 @@ def run_experiment(
             for m, run_lr in zip(lr_multipliers, lrs, strict=True):
                 # The same He weights for every learning rate: only the learning rate changes.
                 pair = _pair(model, data, "he", [seed, len(scales)], hb, run_lr, backend,
-                             eval_every, progress)
+                             eval_every, progress, parallel)
                 runs.append({
                     "lr": run_lr,
                     "lr_multiplier": float(m),
@@ -650,6 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="batchnorm-demo",
                    help="output directory (default ./batchnorm-demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes of mpiexec (mpiexec -n 4 batchnorm "
+                   "demo --distributed): each global batch split across them, SyncBatchNorm, "
+                   "gradients all-reduced; rank 0 prints and writes (needs batchnorm[mpi])")
     return p
 
 
@@ -666,8 +681,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchnorm demo: {err}", file=sys.stderr)
         return 2
 
+    parallel = None
+    if args.distributed:
+        from .distributed import DataParallel
+
+        try:
+            parallel = DataParallel()
+        except ImportError as err:
+            print(f"batchnorm demo: {err}", file=sys.stderr)
+            return 2
+    root = parallel is None or parallel.is_root  # only rank 0 prints and writes files
     bar = None
-    show = not args.no_progress and sys.stderr.isatty()
+    show = root and not args.no_progress and sys.stderr.isatty()
     t0 = time.perf_counter()
     # Settings first (cheap), so that the bar knows its total.
     probe = _settings_for(data, args, scales, epochs)
@@ -681,11 +706,14 @@ def main(argv: list[str] | None = None) -> int:
             data, model=args.model, scales=scales, epochs=epochs, seed=args.seed, lr=args.lr,
             batch_size=args.batch_size, target=args.target, train_size=args.train_size,
             backend=args.backend, progress=None if bar is None else bar.update,
+            parallel=parallel,
         )
     finally:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t0
+    if not root:
+        return 0
     paths = write_results(results, args.out)
     print(summary(results))
     print("")
