@@ -52,6 +52,16 @@ def run_mpi(n: int, *args: str, timeout: float = TIMEOUT) -> subprocess.Complete
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
+def run_mpi_module(n: int, module: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` on `n` ranks (through ``-m mpi4py``)."""
+    pytest.importorskip("mpi4py")
+    exe = _mpiexec()
+    if exe is None:
+        pytest.skip("mpiexec not found")
+    cmd = [exe, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", module, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+
+
 def assert_all_ok(proc: subprocess.CompletedProcess, n: int, mode: str) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
@@ -104,6 +114,49 @@ def test_data_parallel_training_equals_single_process(n, batch, epochs, max_step
     pytest.importorskip("batchnorm.demo")
     proc = run_mpi(n, "train", str(batch), str(epochs), str(max_steps))
     assert_all_ok(proc, n, "train")
+
+
+def _curves(results: dict) -> list[tuple[str, float]]:
+    """Every float of a demo's results.json, with its path (for a side-by-side comparison)."""
+    out: list[tuple[str, float]] = []
+
+    def walk(x, path):
+        if isinstance(x, dict):
+            for k in sorted(x):
+                walk(x[k], f"{path}/{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{path}/{i}")
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            out.append((path, float(x)))
+
+    walk(results, "")
+    return out
+
+
+def test_demo_distributed_equals_single_process(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("batchnorm.demo")
+    import json
+
+    from batchnorm import demo
+
+    args = ["--quick", "--epochs", "2", "--train-size", "300", "--no-progress"]
+    # 300 examples, batches of 100 over 3 ranks: shards of 34, 33 and 33.
+    proc = run_mpi_module(3, "batchnorm.cli", "demo", "--distributed", *args,
+                          "--out", str(tmp_path / "mpi"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Rank 0 alone prints the table.
+    assert proc.stdout.count("wrote ") == 1, proc.stdout
+    assert demo.main([*args, "--out", str(tmp_path / "one")]) == 0
+    got = json.loads((tmp_path / "mpi" / "results.json").read_text())
+    want = json.loads((tmp_path / "one" / "results.json").read_text())
+    got_c, want_c = _curves(got), _curves(want)
+    assert [p for p, _ in got_c] == [p for p, _ in want_c]
+    for (path, a), (_, b) in zip(got_c, want_c, strict=True):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-12), path
+    assert got["weight_scale"][0]["with_bn"]["test_acc"] == want["weight_scale"][0]["with_bn"][
+        "test_acc"]
 
 
 def test_dead_rank_ends_the_job():
