@@ -304,3 +304,21 @@ def test_convert_sync_batchnorm_on_toolkit_networks():
     gamma = net.layers[1].gamma.copy()
     opt.step(net.grads)
     assert not np.array_equal(net.layers[1].gamma, gamma)
+
+
+def test_bench_sync_reports_every_size_and_the_bytes(capsys):
+    pytest.importorskip("mpi4py")
+    if _mpiexec() is None:
+        pytest.skip("mpiexec not found")
+    from batchnorm import bench_sync
+
+    rc = bench_sync.main(["--ranks", "1,2", "--shape", "8,16,4,4", "--repeat", "2",
+                          "--warmup", "1", "--backend", "numpy"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert [r[1] for r in rows] == ["8", "4"]  # rank 0's shard of the global batch
+    # No communication on one rank; 2 x (2C + 2) and (2C + 2) float64 on two.
+    assert rows[0][-2:] == ["0", "0"]
+    assert rows[1][-2:] == [str(forward_bytes(16, 2)), str(backward_bytes(16))]
