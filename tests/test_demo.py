@@ -130,6 +130,29 @@ def test_main_reports_a_missing_data_dir(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_mnist_from_idx_files(tmp_path, capsys):
+    """The MNIST path end to end, on a tiny fake data set in the real file format."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(0)
+    parts = {"train": 300, "t10k": 50}
+    for part, n in parts.items():
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        for kind, a in (("images-idx3", images), ("labels-idx1", labels)):
+            head = struct.pack(">I", 0x800 | a.ndim) + struct.pack(f">{a.ndim}I", *a.shape)
+            (tmp_path / f"{part}-{kind}-ubyte.gz").write_bytes(gzip.compress(head + a.tobytes()))
+    out = tmp_path / "out"
+    rc = main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--quick", "--epochs", "1",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    s = json.loads((out / "results.json").read_text())["settings"]
+    assert s["dataset"] == "mnist" and s["input_shape"] == [784]
+    assert s["train_size"] == 300 and s["test_size"] == 50 and s["steps_per_epoch"] == 3
+    assert "MLP on mnist" in capsys.readouterr().out
+
+
 def test_cnn_path_end_to_end():
     r = run_experiment("digits", model="cnn", scales=[1e-3], epochs=2, headline=False,
                        train_size=300)
@@ -144,7 +167,7 @@ def test_cnn_model_uses_per_channel_batchnorm():
     data = load_digits()
     net = build_model("cnn", data, batchnorm=True, weight_init="he", seed=0)
     bns = [layer for layer in net if isinstance(layer, BatchNorm)]
-    assert [b.num_features for b in bns] == [16, 32, 100]
+    assert [b.num_features for b in bns] == [8, 16, 100]
     assert net(data.x_test[:5]).shape == (5, 10)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import get_backend
 from .data import DATASETS, Dataset, load_dataset
 from .nn import SGD, Optimizer, Sequential, SoftmaxCrossEntropy, cnn, mlp
 
@@ -384,6 +385,7 @@ def run_experiment(
         "batchnorm": "BatchNorm after every hidden affine/conv layer, before ReLU "
                      "(momentum 0.9, eps 1e-5)",
         "dtype": "float64",
+        "backend": get_backend(backend).name,
         "headline": {
             "init": "he (std = sqrt(2 / fan_in))",
             "epochs": headline_epochs,

@@ -266,15 +266,15 @@ def col2im(
     """
     n, c, h, w = shape
     ho, wo = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
-    blocks = cols.reshape(n, ho, wo, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)
-    xp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    # One copy into (kh, kw, N, Ho, Wo, C) makes every slice below contiguous; the image is
+    # accumulated channels-last so that each add writes whole rows of C values.
+    blocks = np.ascontiguousarray(cols.reshape(n, ho, wo, c, kh, kw).transpose(4, 5, 0, 1, 2, 3))
+    xp = np.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=cols.dtype)
     # One strided add per kernel offset; kh * kw is small, the adds are vectorised.
     for i in range(kh):
         for j in range(kw):
-            xp[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += blocks[
-                :, :, i, j
-            ]
-    return xp[:, :, pad : pad + h, pad : pad + w]
+            xp[:, i : i + stride * ho : stride, j : j + stride * wo : stride] += blocks[i, j]
+    return xp[:, pad : pad + h, pad : pad + w].transpose(0, 3, 1, 2)
 
 
 class Conv2d(Layer):
@@ -417,10 +417,14 @@ class MaxPool2d(Layer):
         ho, wo = _out_size(h, k, s, 0), _out_size(w, k, s, 0)
         if ho < 1 or wo < 1:
             raise ValueError(f"MaxPool2d: a {k}x{k} window does not fit input of shape {x.shape}")
-        # Pool every channel as its own image: rows are windows, columns the k*k positions.
-        cols = im2col(x.reshape(n * c, 1, h, w), k, k, s, 0)
+        if k == s and h == ho * k and w == wo * k:
+            # Non-overlapping windows that tile the image: a reshape gives the windows.
+            cols = x.reshape(n, c, ho, k, wo, k).transpose(0, 1, 2, 4, 3, 5).reshape(-1, k * k)
+        else:
+            # Pool every channel as its own image: rows are windows, columns the k*k positions.
+            cols = im2col(x.reshape(n * c, 1, h, w), k, k, s, 0)
         arg = cols.argmax(axis=1)
-        y = cols[np.arange(cols.shape[0]), arg]
+        y = np.take_along_axis(cols, arg[:, None], axis=1)
         self._cache = (x.shape, arg, (n, c, ho, wo))
         return y.reshape(n, c, ho, wo)
 
@@ -431,7 +435,10 @@ class MaxPool2d(Layer):
         n, c, h, w = x_shape
         k = self.kernel_size
         dcols = np.zeros((arg.size, k * k), dtype=dy.dtype)
-        dcols[np.arange(arg.size), arg] = dy.reshape(-1)
+        np.put_along_axis(dcols, arg[:, None], dy.reshape(-1, 1), axis=1)
+        ho, wo = out_shape[2:]
+        if k == self.stride and h == ho * k and w == wo * k:
+            return dcols.reshape(n, c, ho, wo, k, k).transpose(0, 1, 2, 4, 3, 5).reshape(x_shape)
         return col2im(dcols, (n * c, 1, h, w), k, k, self.stride, 0).reshape(x_shape)
 
     def __repr__(self) -> str:
