@@ -251,6 +251,8 @@ class SyncBatchNorm(BatchNorm):
                     file=sys.stderr,
                     flush=True,
                 )
+                # Give mpiexec a moment to forward the message: MPI_Abort kills the job at once.
+                time.sleep(0.5)
                 self.comm.Abort(1)
             # Sleep a little (growing to 1 ms) so that an oversubscribed machine is not spun on.
             time.sleep(delay)
