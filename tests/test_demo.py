@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -227,3 +229,22 @@ def test_make_batches():
     assert len(np.unique(np.concatenate(b[0]))) == 200
     with pytest.raises(ValueError, match="batch_size"):
         make_batches(50, 100, 1, seed=0)
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-progress"]])
+def test_progress_bar_on_a_terminal_only(tmp_path, monkeypatch, flag):
+    err = _FakeTTY()
+    monkeypatch.setattr(sys, "stderr", err)
+    args = ["--quick", "--epochs", "1", "--train-size", "200", "--out", str(tmp_path)]
+    assert main(args + flag) == 0
+    text = err.getvalue()
+    if flag:
+        assert text == ""
+    else:
+        total = 2 * 4 * 2 + 2 * 3 * 2  # networks x epochs x steps per epoch
+        assert "training" in text and f"{total}/{total}" in text

@@ -701,8 +701,13 @@ def main(argv: list[str] | None = None) -> int:
     if show:
         from tqdm import tqdm
 
+        try:
+            sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
+        except OSError:
+            sized = False
+        # tqdm hides its bar on a terminal that reports a size of 0 (some ptys): assume 80x24.
         bar = tqdm(total=total_steps(probe), unit="step", desc="training", file=sys.stderr,
-                   dynamic_ncols=True)
+                   dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24)
     try:
         results = run_experiment(
             data, model=args.model, scales=scales, epochs=epochs, seed=args.seed, lr=args.lr,
