@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "process (float32). --sync benchmarks SyncBatchNorm over MPI instead.",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for numba and PyTorch (default: numba's default, all cores)")
     p.add_argument("--repeat", type=int, default=15, help="rounds per case and mode (15)")
@@ -464,9 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r["fraction_of_copy"] = None if r["fast_gbs"] is None else r["fast_gbs"] / copy_gbs
     machine = _machine(threads, torch_version)
+    out = {"machine": machine, "copy_gbs": copy_gbs, "repeat": repeat, "dtype": "float32",
+           "results": results, "first_call": fc}
+    if args.save:
+        with open(args.save, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
     if args.json:
-        out = {"machine": machine, "copy_gbs": copy_gbs, "repeat": repeat, "dtype": "float32",
-               "results": results, "first_call": fc}
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
