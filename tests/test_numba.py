@@ -402,3 +402,42 @@ def test_outputs_of_successive_calls_do_not_overwrite_each_other():
     del y2, dx1
     y3, _ = batch_norm_train(x1, None, None, backend="numba")
     np.testing.assert_array_equal(y3, keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# batchnorm bench (a smoke run; no timing is asserted)
+
+
+def test_bench_smoke_json(capsys):
+    from batchnorm import bench
+
+    rc = bench.main(["--cases", "small", "--modes", "train,infer", "--impls", "numpy,numba",
+                     "--repeat", "2", "--no-first-call", "--no-progress", "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [r["mode"] for r in d["results"]] == ["train", "infer"]
+    r = d["results"][0]
+    assert set(r["median_ms"]) == {"numpy", "numba"} and r["ratio_fast_torch"] is None
+    assert r["bytes"] == 8 * 32 * 128 * 4 and d["copy_gbs"] > 0
+    assert "| small" in bench.table(d["results"], d["copy_gbs"])
+
+
+def test_bench_sync_is_handed_over(monkeypatch):
+    import types
+
+    from batchnorm import bench
+
+    seen = []
+    fake = types.ModuleType("batchnorm.bench_sync")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "batchnorm.bench_sync", fake)
+    monkeypatch.setattr("batchnorm.bench_sync", fake, raising=False)
+    assert bench.main(["--sync", "--json"]) == 0
+    assert seen == [["--sync", "--json"]]
+
+
+def test_bench_rejects_unknown_cases():
+    from batchnorm import bench
+
+    with pytest.raises(SystemExit):
+        bench.main(["--cases", "S9", "--no-progress"])
