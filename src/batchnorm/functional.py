@@ -130,12 +130,6 @@ def as_3d(x: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
     return x.astype(dtype, copy=False).reshape(a, x.shape[axis], b)
 
 
-def _split(mean: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``mean`` (float64) as ``hi + lo`` with ``hi`` representable in ``dtype``."""
-    hi = mean.astype(dtype)
-    return hi, mean - hi.astype(np.float64)
-
-
 # ---------------------------------------------------------------------------------------------
 # building blocks shared with the synchronised layer
 
@@ -155,14 +149,20 @@ def normalize_with_stats(
     Returns ``(y3, center, inv_std)``: the float part of the mean the backend subtracted and
     the float64 inverse standard deviation, both needed by the backward pass.
     """
+    # Few, array-only operations: on small inputs these per-feature lines cost more than the
+    # pass over the data.
     dtype = x3.dtype
     mean = np.asarray(mean, dtype=np.float64)
-    inv_std = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
-    g = inv_std if gamma is None else gamma.astype(np.float64) * inv_std
-    b = 0.0 if beta is None else beta.astype(np.float64)
-    center, lo = _split(mean, dtype)
-    # (x - mean) * g + b == (x - center) * g + (b - lo * g), and x - center is exact.
-    shift = np.broadcast_to(b - lo * g, g.shape)
+    inv_std = np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+    np.reciprocal(inv_std, out=inv_std)
+    g = inv_std if gamma is None else inv_std * gamma
+    center = mean.astype(dtype)
+    # (x - mean) * g + b == (x - center) * g + (b - lo * g) with lo = mean - center, and
+    # x - center is exact: the part of the mean that `dtype` cannot hold moves into the shift.
+    shift = (mean - center) * g
+    np.negative(shift, out=shift)
+    if beta is not None:
+        shift += beta
     y3 = backend.affine(x3, center, g.astype(dtype), shift.astype(dtype))
     return y3, center, inv_std
 
