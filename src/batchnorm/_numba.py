@@ -27,10 +27,6 @@ inputs run on one thread: waking the thread pool costs more than the work.
 
 from __future__ import annotations
 
-import os
-import sys
-import threading
-
 import numba
 import numpy as np
 from numba import njit, prange
@@ -434,60 +430,6 @@ def _vec(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=dtype)
 
 
-class _Outputs:
-    """Output arrays whose memory is used again once nothing refers to it any more.
-
-    A fresh large array costs the kernel a page fault per page and zero-filling every page:
-    about one extra pass over the output, 20-40 % of an ``affine`` call. A training loop asks
-    for the same sizes every step, so the last few output buffers (of at least `min_bytes`)
-    are kept, and one is handed out again when its reference count shows that no array or
-    view of it is alive. At most `keep` buffers are tracked; the oldest idle one is let go
-    first. ``BATCHNORM_REUSE_BUFFERS=0`` turns this off (every output is a new allocation).
-    """
-
-    def __init__(self, keep: int = 8, min_bytes: int = 1 << 20) -> None:
-        self.keep = keep
-        self.min_bytes = min_bytes
-        self.enabled = os.environ.get("BATCHNORM_REUSE_BUFFERS", "1").strip() != "0"
-        self._lock = threading.Lock()  # two threads must not take the same idle buffer
-        self._bufs: list[np.ndarray] = []
-        # The count _refs sees for a buffer that only this list holds (Python versions differ).
-        self._bufs.append(np.empty(1, np.uint8))
-        self._idle_refs = self._refs(0)
-        self._bufs.clear()
-
-    def _refs(self, i: int) -> int:
-        return sys.getrefcount(self._bufs[i])
-
-    def _idle(self, i: int) -> bool:
-        return self._refs(i) <= self._idle_refs
-
-    def empty_like(self, x: np.ndarray) -> np.ndarray:
-        """An uninitialised C-contiguous array of ``x``'s shape and dtype."""
-        nbytes = x.nbytes
-        if not self.enabled or nbytes < self.min_bytes:
-            return np.empty_like(x)
-        with self._lock:
-            bufs = self._bufs
-            for i in range(len(bufs)):
-                if bufs[i].nbytes == nbytes and self._idle(i):
-                    bufs.append(bufs.pop(i))  # most recently used last
-                    return bufs[-1].view(x.dtype).reshape(x.shape)
-            if len(bufs) >= self.keep:
-                idle = [i for i in range(len(bufs)) if self._idle(i)]
-                del bufs[idle[0] if idle else 0]
-            bufs.append(np.empty(nbytes, np.uint8))
-            return bufs[-1].view(x.dtype).reshape(x.shape)
-
-    def clear(self) -> None:
-        """Let go of every kept buffer (the arrays still in use stay valid)."""
-        with self._lock:
-            self._bufs.clear()
-
-
-_OUTPUTS = _Outputs()
-
-
 def _threads(size: int) -> int:
     """Threads for a call on ``size`` elements; 1 means the serial driver."""
     return 1 if size < _SERIAL_BELOW else numba.get_num_threads()
@@ -519,7 +461,7 @@ class NumbaBackend:
         self, x3: np.ndarray, center: np.ndarray, scale: np.ndarray, shift: np.ndarray
     ) -> np.ndarray:
         x3 = _data(x3)
-        y = _OUTPUTS.empty_like(x3)
+        y = np.empty_like(x3)
         if x3.size == 0:
             return y
         dt = x3.dtype
@@ -566,7 +508,7 @@ class NumbaBackend:
     ) -> np.ndarray:
         x3 = _data(x3)
         dy3 = _data(dy3.astype(x3.dtype, copy=False))
-        dx = _OUTPUTS.empty_like(x3)
+        dx = np.empty_like(x3)
         if x3.size == 0:
             return dx
         dt = x3.dtype
