@@ -177,6 +177,29 @@ def test_stuck_rank_times_out_and_aborts():
     assert "MPI_Abort" in proc.stderr
 
 
+def test_error_on_one_rank_aborts_the_job_without_mpi4py_main():
+    """A console script (no ``-m mpi4py``) that raises on one rank inside abort_on_error must
+    end every rank instead of leaving rank 0 in a collective forever."""
+    pytest.importorskip("mpi4py")
+    exe = _mpiexec()
+    if exe is None:
+        pytest.skip("mpiexec not found")
+    code = (
+        "from batchnorm.distributed import DataParallel\n"
+        "dp = DataParallel()\n"
+        "with dp.abort_on_error():\n"
+        "    if dp.rank == 1:\n"
+        "        raise ValueError('boom on rank 1')\n"
+        "    dp.comm.Barrier()\n"
+        "print('finished', dp.rank, flush=True)\n"
+    )
+    proc = subprocess.run([exe, "-n", "2", sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=60, env=_env())
+    assert proc.returncode != 0
+    assert "boom on rank 1" in proc.stderr
+    assert "finished" not in proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # in this process
 

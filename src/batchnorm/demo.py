@@ -23,6 +23,7 @@ parameter gradients there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -708,13 +709,16 @@ def main(argv: list[str] | None = None) -> int:
         # tqdm hides its bar on a terminal that reports a size of 0 (some ptys): assume 80x24.
         bar = tqdm(total=total_steps(probe), unit="step", desc="training", file=sys.stderr,
                    dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24)
+    # Distributed: an error on one rank must end every rank, not leave them waiting.
+    guard = contextlib.nullcontext() if parallel is None else parallel.abort_on_error()
     try:
-        results = run_experiment(
-            data, model=args.model, scales=scales, epochs=epochs, seed=args.seed, lr=args.lr,
-            batch_size=args.batch_size, target=args.target, train_size=args.train_size,
-            backend=args.backend, progress=None if bar is None else bar.update,
-            parallel=parallel,
-        )
+        with guard:
+            results = run_experiment(
+                data, model=args.model, scales=scales, epochs=epochs, seed=args.seed,
+                lr=args.lr, batch_size=args.batch_size, target=args.target,
+                train_size=args.train_size, backend=args.backend,
+                progress=None if bar is None else bar.update, parallel=parallel,
+            )
     finally:
         if bar is not None:
             bar.close()

@@ -39,10 +39,12 @@ than ``timeout`` seconds prints why and calls ``MPI_Abort``, which ends every ra
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+import traceback
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -618,6 +620,24 @@ class DataParallel:
     def loss_fn(self) -> GlobalMeanLoss:
         """A softmax cross-entropy that reports the global batch's mean loss."""
         return GlobalMeanLoss(self.comm)
+
+    @contextlib.contextmanager
+    def abort_on_error(self) -> Iterator[None]:
+        """End the whole job if the body raises on this rank.
+
+        An exception on one rank leaves the others waiting in a collective, and the
+        interpreter's exit on this rank waits for them in ``MPI_Finalize``: a hang. Inside this
+        block an exception is printed and ``MPI_Abort`` ends every rank (the ``python -m
+        mpi4py`` behaviour, for programs started through a console script).
+        """
+        try:
+            yield
+        except BaseException:
+            if self.size > 1:
+                traceback.print_exc()
+                sys.stderr.flush()
+                self.comm.Abort(1)
+            raise
 
     def grad_hook(self, model: Any) -> None:
         """Sum ``model.grads`` over the ranks, in place (one all-reduce)."""
