@@ -28,6 +28,7 @@ from batchnorm import (  # noqa: E402 - after the importorskip on purpose
 from batchnorm import _numba as nbk  # noqa: E402
 from batchnorm import info as info_mod  # noqa: E402
 from batchnorm.backends import ENV_VAR, available_backends, get_backend  # noqa: E402
+from batchnorm.functional import normalize_with_stats  # noqa: E402
 from helpers import rel_error  # noqa: E402
 
 # Relative agreement (max |a - b| / max |b|) expected between the two backends per dtype.
@@ -186,6 +187,50 @@ def test_primitives_take_non_contiguous_views():
 def test_other_dtypes_are_rejected_by_the_backend():
     with pytest.raises(TypeError, match="float32 or float64"):
         nbk.NumbaBackend().moments(np.ones((2, 2, 1), np.float16))
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused normalize of small inputs
+
+
+class _AffineOnly:
+    """The numba backend without its optional ``normalize``: the generic per-feature code."""
+
+    name = "affine-only"
+
+    def __init__(self):
+        self.affine = nbk.NumbaBackend().affine
+
+
+@pytest.mark.parametrize("shape", [(32, 7, 1), (4, 5, 9)])
+@pytest.mark.parametrize("dtype,vdtype", [(np.float32, np.float32), (np.float32, np.float64),
+                                          (np.float64, np.float32), (np.float64, np.float64)])
+@pytest.mark.parametrize("with_gamma,with_beta", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_fused_normalize_is_bit_for_bit_the_generic_code(
+    shape, dtype, vdtype, with_gamma, with_beta, offset
+):
+    rng = np.random.default_rng(12)
+    x3 = (offset + 3 * rng.standard_normal(shape)).astype(dtype)
+    c = shape[1]
+    mean = (offset + rng.standard_normal(c)).astype(vdtype)
+    var = rng.uniform(0.1, 3, c).astype(vdtype)
+    g = rng.standard_normal(c).astype(vdtype) if with_gamma else None
+    b = rng.standard_normal(c).astype(vdtype) if with_beta else None
+    fused = normalize_with_stats(x3, mean, var, g, b, 1e-5, nbk.NumbaBackend())
+    generic = normalize_with_stats(x3, mean, var, g, b, 1e-5, _AffineOnly())
+    for a, e in zip(fused, generic, strict=True):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        np.testing.assert_array_equal(a, e)
+
+
+def test_fused_normalize_leaves_large_inputs_and_float16_vectors_to_the_caller():
+    be = nbk.NumbaBackend()
+    v = np.ones(4, np.float32)
+    assert be.normalize(np.ones((nbk._SERIAL_BELOW, 4, 1), np.float32), v, v, v, v, 1e-5) is None
+    h = np.ones(4, np.float16)
+    assert be.normalize(np.ones((8, 4, 1), np.float32), v, h, None, None, 1e-5) is None
+    assert be.normalize(np.ones((8, 4, 1), np.float32), v, v, None, None, 1e-5) is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -245,6 +245,53 @@ def _planes_affine_ser(x, center, scale, shift, y):
 
 
 # ---------------------------------------------------------------------------------------------
+# normalize (small inputs): the per-feature coefficients of functional.normalize_with_stats and
+# the affine pass in one compiled call. On a small input the dozen tiny NumPy operations of the
+# coefficients cost more than the pass itself.
+
+
+@njit(cache=True)
+def _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std):
+    """The float64 operations of ``normalize_with_stats``, in its order (no fastmath: the
+    results are bit for bit NumPy's). ``gamma`` / ``beta`` may be None."""
+    for c in range(mean.shape[0]):
+        m = np.float64(mean[c])
+        s = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+        g = s if gamma is None else s * np.float64(gamma[c])
+        center[c] = m  # rounds to the data's dtype
+        t = -((m - np.float64(center[c])) * g)
+        if beta is not None:
+            t += np.float64(beta[c])
+        scale[c] = g
+        shift[c] = t
+        inv_std[c] = s
+
+
+@njit(cache=True)
+def _rows_normalize_ser(x, mean, var, gamma, beta, eps, y):
+    c_len = x.shape[1]
+    center = np.empty(c_len, x.dtype)
+    scale = np.empty(c_len, x.dtype)
+    shift = np.empty(c_len, x.dtype)
+    inv_std = np.empty(c_len)
+    _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
+    _rows_affine_part(x, center, scale, shift, y, 0, x.shape[0])
+    return center, inv_std
+
+
+@njit(cache=True)
+def _planes_normalize_ser(x, mean, var, gamma, beta, eps, y):
+    c_len = x.shape[1]
+    center = np.empty(c_len, x.dtype)
+    scale = np.empty(c_len, x.dtype)
+    shift = np.empty(c_len, x.dtype)
+    inv_std = np.empty(c_len)
+    _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
+    _planes_affine_part(x, center, scale, shift, y, 0, x.shape[0] * x.shape[1])
+    return center, inv_std
+
+
+# ---------------------------------------------------------------------------------------------
 # grad_sums: sum(dy), sum(dy * (x - center)), accumulated in float64
 
 
@@ -402,6 +449,8 @@ kernels = (
     _rows_affine_ser,
     _planes_affine_par,
     _planes_affine_ser,
+    _rows_normalize_ser,
+    _planes_normalize_ser,
     _rows_grad_sums_par,
     _rows_grad_sums_ser,
     _planes_grad_sums_par,
@@ -424,6 +473,9 @@ def _data(x3: np.ndarray) -> np.ndarray:
     # Copies only what is not C-contiguous (Fortran order, strided slices, broadcasts): the
     # kernels index rows directly, and one layout per dtype keeps the compiled set small.
     return np.ascontiguousarray(x3)
+
+
+_VEC_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _vec(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -479,6 +531,38 @@ class NumbaBackend:
         else:
             _planes_affine_par(x3, *args, y, nt)
         return y
+
+    def normalize(
+        self,
+        x3: np.ndarray,
+        mean: np.ndarray,
+        var: np.ndarray,
+        gamma: np.ndarray | None,
+        beta: np.ndarray | None,
+        eps: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``functional.normalize_with_stats`` in one compiled call, for small inputs.
+
+        Returns ``(y3, center, inv_std)``, bit for bit what the generic code gives, or None
+        where this does not pay (inputs large enough for the threads, where the pass over the
+        data dominates) or does not apply (float16 or non-array vectors): the caller then
+        does the generic computation.
+        """
+        if x3.size >= _SERIAL_BELOW or x3.size == 0:
+            return None
+        vecs = (mean, var, gamma, beta)
+        for v in vecs:
+            if v is not None and not (isinstance(v, np.ndarray) and v.dtype in _VEC_DTYPES):
+                return None
+        x3 = _data(x3)
+        y = np.empty_like(x3)
+        a_len, c_len, b_len = x3.shape
+        if b_len == 1:
+            x2, y2 = x3.reshape(a_len, c_len), y.reshape(a_len, c_len)
+            center, inv_std = _rows_normalize_ser(x2, *vecs, float(eps), y2)
+        else:
+            center, inv_std = _planes_normalize_ser(x3, *vecs, float(eps), y)
+        return y, center, inv_std
 
     def grad_sums(
         self, dy3: np.ndarray, x3: np.ndarray, center: np.ndarray

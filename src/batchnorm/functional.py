@@ -149,6 +149,13 @@ def normalize_with_stats(
     Returns ``(y3, center, inv_std)``: the float part of the mean the backend subtracted and
     the float64 inverse standard deviation, both needed by the backward pass.
     """
+    # A backend may do all of this in one call (numba, small inputs: there the dozen tiny
+    # array operations below cost more than the pass over the data).
+    fused = getattr(backend, "normalize", None)
+    if fused is not None:
+        out = fused(x3, mean, var, gamma, beta, eps)
+        if out is not None:
+            return out
     # Few, array-only operations: on small inputs these per-feature lines cost more than the
     # pass over the data.
     dtype = x3.dtype
