@@ -268,27 +268,21 @@ def _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std):
 
 
 @njit(cache=True)
-def _rows_normalize_ser(x, mean, var, gamma, beta, eps, y):
+def _rows_normalize_ser(x, mean, var, gamma, beta, eps, y, center, inv_std):
     c_len = x.shape[1]
-    center = np.empty(c_len, x.dtype)
     scale = np.empty(c_len, x.dtype)
     shift = np.empty(c_len, x.dtype)
-    inv_std = np.empty(c_len)
     _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
     _rows_affine_part(x, center, scale, shift, y, 0, x.shape[0])
-    return center, inv_std
 
 
 @njit(cache=True)
-def _planes_normalize_ser(x, mean, var, gamma, beta, eps, y):
+def _planes_normalize_ser(x, mean, var, gamma, beta, eps, y, center, inv_std):
     c_len = x.shape[1]
-    center = np.empty(c_len, x.dtype)
     scale = np.empty(c_len, x.dtype)
     shift = np.empty(c_len, x.dtype)
-    inv_std = np.empty(c_len)
     _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
     _planes_affine_part(x, center, scale, shift, y, 0, x.shape[0] * x.shape[1])
-    return center, inv_std
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,11 +462,11 @@ kernels = (
 
 
 def _data(x3: np.ndarray) -> np.ndarray:
-    if x3.dtype != np.float32 and x3.dtype != np.float64:
+    if x3.dtype not in _VEC_DTYPES:
         raise TypeError(f"the numba backend takes float32 or float64 data, got {x3.dtype}")
     # Copies only what is not C-contiguous (Fortran order, strided slices, broadcasts): the
     # kernels index rows directly, and one layout per dtype keeps the compiled set small.
-    return np.ascontiguousarray(x3)
+    return x3 if x3.flags.c_contiguous else np.ascontiguousarray(x3)
 
 
 _VEC_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -552,16 +546,19 @@ class NumbaBackend:
             return None
         vecs = (mean, var, gamma, beta)
         for v in vecs:
-            if v is not None and not (isinstance(v, np.ndarray) and v.dtype in _VEC_DTYPES):
+            if v is not None and (type(v) is not np.ndarray or v.dtype not in _VEC_DTYPES):
                 return None
         x3 = _data(x3)
         y = np.empty_like(x3)
         a_len, c_len, b_len = x3.shape
+        # Allocated here: handing new arrays back from a compiled call costs more.
+        center = np.empty(c_len, x3.dtype)
+        inv_std = np.empty(c_len)
         if b_len == 1:
             x2, y2 = x3.reshape(a_len, c_len), y.reshape(a_len, c_len)
-            center, inv_std = _rows_normalize_ser(x2, *vecs, float(eps), y2)
+            _rows_normalize_ser(x2, *vecs, float(eps), y2, center, inv_std)
         else:
-            center, inv_std = _planes_normalize_ser(x3, *vecs, float(eps), y)
+            _planes_normalize_ser(x3, *vecs, float(eps), y, center, inv_std)
         return y, center, inv_std
 
     def grad_sums(

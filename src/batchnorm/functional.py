@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 _FLOATS = (np.float16, np.float32, np.float64)
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 # NaN and Inf propagate by design; the layers decide what to do with them.
 _quiet = np.errstate(invalid="ignore", over="ignore", divide="ignore")
 
@@ -80,6 +81,8 @@ class BatchNormCache:
 
 def compute_dtype(dtype: np.dtype, what: str = "x") -> np.dtype:
     """The dtype a kernel computes in for data of ``dtype`` (float16 -> float32)."""
+    if dtype is _F32 or dtype is _F64:  # the usual case, without building a dtype
+        return dtype
     dtype = np.dtype(dtype)
     if dtype.type not in _FLOATS:
         raise TypeError(f"expected {what} of dtype float16, float32 or float64, got {dtype}")
@@ -88,6 +91,8 @@ def compute_dtype(dtype: np.dtype, what: str = "x") -> np.dtype:
 
 def normalize_axis(axis: int, ndim: int) -> int:
     """``axis`` as a non-negative index into ``ndim`` dims, or a ValueError."""
+    if type(axis) is int and -ndim <= axis < ndim:  # the usual case, quickly
+        return axis % ndim
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"expected axis to be an int, got {type(axis).__name__}")
     if not -ndim <= axis < ndim:
@@ -100,7 +105,8 @@ def normalize_axis(axis: int, ndim: int) -> int:
 
 def check_input(x: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
     """Validate ``x`` and ``axis``; return ``x`` as an array and the axis as an index."""
-    x = np.asarray(x)
+    if type(x) is not np.ndarray:
+        x = np.asarray(x)
     compute_dtype(x.dtype)
     if x.ndim < 2:
         raise ValueError(
@@ -112,7 +118,8 @@ def check_input(x: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
 
 def check_vector(v, name: str, size: int, x_shape: tuple[int, ...], axis: int) -> np.ndarray:
     """``v`` as a float vector of ``size`` values, or an error naming both shapes."""
-    v = np.asarray(v)
+    if type(v) is not np.ndarray:
+        v = np.asarray(v)
     if v.dtype.type not in _FLOATS:
         raise TypeError(f"expected {name} of dtype float16, float32 or float64, got {v.dtype}")
     if v.shape != (size,):
@@ -127,7 +134,9 @@ def as_3d(x: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
     """View ``x`` as ``(A, C, B)`` with ``C = x.shape[axis]`` (a copy only where needed)."""
     a = math.prod(x.shape[:axis])
     b = math.prod(x.shape[axis + 1 :])
-    return x.astype(dtype, copy=False).reshape(a, x.shape[axis], b)
+    if x.dtype is not dtype:
+        x = x.astype(dtype, copy=False)
+    return x.reshape(a, x.shape[axis], b)
 
 
 # ---------------------------------------------------------------------------------------------
