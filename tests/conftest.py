@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -19,3 +21,19 @@ def backend(request) -> str:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def pytest_runtest_makereport(item, call):
+    """In CI (``CI=true``, set by the CI runner) a skipped test fails: CI installs every
+    optional dependency, so a skip there means a test that silently did not run."""
+    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        return None
+    if call.excinfo is not None and call.excinfo.errisinstance(pytest.skip.Exception):
+        from _pytest.reports import TestReport
+
+        report = TestReport.from_item_and_call(item, call)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where every optional dependency is installed: " \
+            f"{call.excinfo.value}"
+        return report
+    return None

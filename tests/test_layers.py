@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from helpers import assert_same_state, numerical_grad, rel_error, snapshot
+from helpers import assert_same_state, numerical_grad, rel_error, seed_of, snapshot
 
 GRAD_TOL = 1e-6
 LAYOUTS = [
@@ -36,7 +36,7 @@ def _train_a_little(layer, rng, shape, steps=3):
 @pytest.mark.parametrize("mode", ["train", "eval", "eval-no-stats"])
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_batchnorm_gradients(backend, shape, axis, affine, mode, order):
-    rng = np.random.default_rng(abs(hash((shape, axis, affine, mode, order))) % 2**32)
+    rng = np.random.default_rng(seed_of((shape, axis, affine, mode, order)))
     c = shape[axis]
     layer = bn.BatchNorm(
         c, axis=axis, affine=affine, dtype=np.float64, backend=backend,
@@ -213,6 +213,9 @@ def test_state_dict_round_trip(tmp_path, backend, rng):
         (lambda d: d.update(gamma=np.ones(4)), ValueError, r"expected gamma of shape \(3,\)"),
         (lambda d: d.update(running_var=np.ones(3, int)), TypeError, r"running_var of a float"),
         (lambda d: d.update(num_batches_tracked=np.array(1.5)), TypeError, r"integer scalar"),
+        (lambda d: d.update(gamma=np.full(3, 1e300)), ValueError, r"finite gamma that fits"),
+        (lambda d: d.update(beta=np.array([0, np.nan, 0])), ValueError, r"finite beta"),
+        (lambda d: d.update(running_var=-np.ones(3)), ValueError, r"running_var >= 0, got min"),
     ],
 )
 def test_load_state_dict_refuses_and_changes_nothing(change, error, match, rng):
@@ -224,6 +227,13 @@ def test_load_state_dict_refuses_and_changes_nothing(change, error, match, rng):
     with pytest.raises(error, match=match):
         layer.load_state_dict(state)
     assert_same_state(before, layer)
+
+
+def test_numpy_scalars_in_the_configuration_save(tmp_path):
+    layer = bn.BatchNorm(3, momentum=np.float32(0.5), eps=np.float64(1e-3))
+    layer.save(tmp_path / "bn.npz")
+    loaded = bn.load(tmp_path / "bn.npz")
+    assert loaded.momentum == 0.5 and loaded.eps == 1e-3
 
 
 def test_load_refuses_pickled_object_arrays(tmp_path):
@@ -267,6 +277,51 @@ def test_bad_calls_raise_and_change_nothing(backend, call, error, match, rng):
     with pytest.raises(error, match=match):
         call(layer)
     assert_same_state(before, layer)
+
+
+@pytest.mark.parametrize(
+    "name,value,match",
+    [
+        ("gamma", np.full(1, 2.0, np.float32), r"expected gamma of shape \(3,\) \(num_features\), "
+         r"got shape \(1,\)"),
+        ("beta", np.zeros(5, np.float32), r"expected beta of shape \(3,\)"),
+        ("running_mean", np.zeros(200000, np.float32), r"expected running_mean of shape \(3,\)"),
+        ("running_var", [1.0, 1.0, 1.0], r"expected running_var of shape \(3,\) .*got list"),
+        ("gamma", np.ones(3, np.int32), r"expected gamma of dtype float16, float32 or float64"),
+    ],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_replaced_arrays_of_the_wrong_size_are_refused(backend, name, value, match, training,
+                                                       rng):
+    layer = bn.BatchNorm(3, backend=backend)
+    _train_a_little(layer, rng, (4, 3))
+    layer.train(training)
+    setattr(layer, name, value)
+    before = snapshot(layer)
+    with pytest.raises((ValueError, TypeError), match=match):
+        layer(rng.normal(size=(4, 3)).astype(np.float32))
+    assert_same_state(before, layer)
+
+
+def test_book_layer_refuses_replaced_arrays_of_the_wrong_size(backend, rng):
+    layer, _, _ = _book(rng, 3, backend=backend)
+    layer.forward(rng.normal(size=(4, 3)))
+    layer.running_var = np.ones(4)
+    with pytest.raises(ValueError, match=r"expected running_var with 3 values .*got shape \(4,\)"):
+        layer.forward(rng.normal(size=(4, 3)), train_flg=False)
+    layer.running_var = np.ones(3)
+    layer.beta = np.zeros(2)
+    with pytest.raises(ValueError, match=r"expected beta with 3 values"):
+        layer.forward(rng.normal(size=(4, 3)))
+
+
+def test_empty_training_batch_names_the_shape(backend):
+    layer = bn.BatchNorm(3, backend=backend)
+    with pytest.raises(ValueError, match=r"got x of shape \(0, 3\)"):
+        layer(np.ones((0, 3), np.float32))
+    layer = bn.BatchNorm(3, track_running_stats=False, backend=backend).eval()
+    with pytest.raises(ValueError, match=r"expected a non-empty batch, got x of shape \(0, 3\)"):
+        layer(np.ones((0, 3), np.float32))
 
 
 def test_axis_out_of_range_and_backward_before_forward(rng):
@@ -323,7 +378,7 @@ def _book(rng, size, **kw):
 )
 @pytest.mark.parametrize("train_flg", [True, False])
 def test_book_layer_gradients(backend, shape, size, train_flg):
-    rng = np.random.default_rng(abs(hash((shape, size, train_flg))) % 2**32)
+    rng = np.random.default_rng(seed_of((shape, size, train_flg)))
     layer, gamma, beta = _book(rng, size, backend=backend)
     for _ in range(2):
         layer.forward(rng.normal(1, 2, shape))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
+from helpers import seed_of
 
 torch = pytest.importorskip("torch")
 
@@ -23,7 +24,7 @@ def _t(a, grad=False):
 )
 @pytest.mark.parametrize("affine", [True, False])
 def test_kernels_match_torch_functional(backend, shape, channels_last, affine):
-    rng = np.random.default_rng(hash((shape, channels_last, affine)) % 2**32)
+    rng = np.random.default_rng(seed_of((shape, channels_last, affine)))
     x = rng.normal(2.0, 3.0, shape).astype(np.float32)
     c = shape[-1] if channels_last else shape[1]
     g = rng.normal(1, 0.5, c).astype(np.float32) if affine else None
@@ -72,18 +73,31 @@ def test_kernels_match_torch_functional(backend, shape, channels_last, affine):
 @pytest.mark.parametrize(
     "torch_cls,shape",
     [("BatchNorm1d", (12, 6)), ("BatchNorm1d", (6, 4, 9)), ("BatchNorm2d", (5, 3, 6, 4)),
-     ("BatchNorm3d", (3, 2, 4, 3, 5))],
+     ("BatchNorm3d", (3, 2, 4, 3, 5)), ("BatchNorm2d-channels-last", (5, 6, 4, 3)),
+     ("BatchNorm3d-channels-last", (3, 4, 3, 5, 2))],
 )
 @pytest.mark.parametrize("torch_momentum", [0.1, 0.3, None])
 def test_layer_matches_torch_modules(backend, torch_cls, shape, torch_momentum):
     """momentum = 1 - m and unbiased=True reproduce torch.nn.BatchNorm*d(momentum=m)."""
-    rng = np.random.default_rng(hash((torch_cls, shape, torch_momentum)) % 2**32)
-    c = shape[1]
-    ref = getattr(torch.nn, torch_cls)(c, momentum=torch_momentum, eps=1e-5)
+    rng = np.random.default_rng(seed_of((torch_cls, shape, torch_momentum)))
+    channels_last = torch_cls.endswith("-channels-last")
+    axis = -1 if channels_last else 1
+    c = shape[axis]
+    ref = getattr(torch.nn, torch_cls.split("-")[0])(c, momentum=torch_momentum, eps=1e-5)
     ours = bn.BatchNorm(
-        c, momentum=None if torch_momentum is None else 1 - torch_momentum, unbiased=True,
-        eps=1e-5, backend=backend,
+        c, axis=axis, momentum=None if torch_momentum is None else 1 - torch_momentum,
+        unbiased=True, eps=1e-5, backend=backend,
     )
+
+    def torch_view(a):  # torch keeps channels on dim 1; its channels_last format is a stride
+        t = _t(np.ascontiguousarray(np.moveaxis(a, -1, 1)) if channels_last else a)
+        return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 and channels_last \
+            else t
+
+    def ours_view(t):
+        a = t.detach().numpy()
+        return np.moveaxis(a, 1, -1) if channels_last else a
+
     with torch.no_grad():
         ref.weight.copy_(_t(rng.normal(1, 0.3, c).astype(np.float32)))
         ref.bias.copy_(_t(rng.normal(0, 0.3, c).astype(np.float32)))
@@ -92,14 +106,14 @@ def test_layer_matches_torch_modules(backend, torch_cls, shape, torch_momentum):
     for step in range(4):
         x = rng.normal(step, 1 + step, shape).astype(np.float32)
         dy = rng.normal(size=shape).astype(np.float32)
-        xt = _t(x, True)
+        xt = torch_view(x).requires_grad_(True)
         ref.zero_grad()
         yt = ref(xt)
-        yt.backward(_t(dy))
+        yt.backward(torch_view(dy))
         y = ours(x)
         dx = ours.backward(dy)
-        np.testing.assert_allclose(y, yt.detach().numpy(), rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(y, ours_view(yt), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(dx, ours_view(xt.grad), rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(ours.dgamma, ref.weight.grad.numpy(), rtol=RTOL, atol=1e-5)
         np.testing.assert_allclose(ours.dbeta, ref.bias.grad.numpy(), rtol=RTOL, atol=1e-5)
         np.testing.assert_allclose(ours.running_mean, ref.running_mean.numpy(), rtol=RTOL,
@@ -110,12 +124,12 @@ def test_layer_matches_torch_modules(backend, torch_cls, shape, torch_momentum):
     ours.eval()
     x = rng.normal(size=shape).astype(np.float32)
     dy = rng.normal(size=shape).astype(np.float32)
-    xt = _t(x, True)
+    xt = torch_view(x).requires_grad_(True)
     ref.zero_grad()
     yt = ref(xt)
-    yt.backward(_t(dy))
-    np.testing.assert_allclose(ours(x), yt.detach().numpy(), rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(ours.backward(dy), xt.grad.numpy(), rtol=RTOL, atol=ATOL)
+    yt.backward(torch_view(dy))
+    np.testing.assert_allclose(ours(x), ours_view(yt), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(ours.backward(dy), ours_view(xt.grad), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(ours.dgamma, ref.weight.grad.numpy(), rtol=RTOL, atol=1e-5)
 
 

@@ -32,6 +32,15 @@ def _nonfinite_error(mean: np.ndarray, var: np.ndarray, shape: tuple[int, ...]) 
     )
 
 
+def _check_state_vector(v, name: str, size: int, what: str) -> None:
+    """`v` must be a float ndarray of shape ``(size,)``: the layer's own arrays are public and
+    could have been replaced, and a fast kernel trusts their length."""
+    if not isinstance(v, np.ndarray) or v.shape != (size,):
+        got = f"shape {v.shape}" if isinstance(v, np.ndarray) else type(v).__name__
+        raise ValueError(f"expected {name} of shape ({size},) ({what}), got {got}")
+    F.compute_dtype(v.dtype, name)
+
+
 # ---------------------------------------------------------------------------------------------
 # the book's interface, fixed
 
@@ -87,7 +96,7 @@ class BatchNormalization:
         _check_momentum(momentum, allow_none=False)
         self.gamma = gamma
         self.beta = beta
-        self.momentum = momentum
+        self.momentum = float(momentum)
         self.eps = F._check_eps(eps)
         self.running_mean = None if running_mean is None else np.asarray(running_mean)
         self.running_var = None if running_var is None else np.asarray(running_var)
@@ -107,6 +116,16 @@ class BatchNormalization:
         x = np.asarray(x)
         F.compute_dtype(x.dtype)
         size = self.gamma.size
+        if self.beta.size != size:
+            raise ValueError(
+                f"expected beta with {size} values (gamma's size), got shape {self.beta.shape}"
+            )
+        for name in ("running_mean", "running_var"):
+            v = getattr(self, name)
+            if v is not None and v.size != size:
+                raise ValueError(
+                    f"expected {name} with {size} values (gamma's size), got shape {v.shape}"
+                )
         if x.ndim == 2:
             if x.shape[1] != size:
                 raise ValueError(
@@ -250,7 +269,7 @@ class _NormBase:
         self.num_features = int(num_features)
         self.axis = int(axis)
         self.eps = F._check_eps(eps)
-        self.momentum = momentum
+        self.momentum = None if momentum is None else float(momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.unbiased = bool(unbiased)
@@ -363,7 +382,16 @@ class _NormBase:
                 raise TypeError(f"expected {k} of a float dtype, got {v.dtype}")
             if v.shape != (self.num_features,):
                 raise ValueError(f"expected {k} of shape ({self.num_features},), got {v.shape}")
-            new[k] = v
+            with np.errstate(over="ignore"):
+                cast = v.astype(self.dtype)
+            if not np.isfinite(cast).all():
+                raise ValueError(
+                    f"expected finite {k} that fits {self.dtype.name}, got {v.dtype} values "
+                    f"with min {v.min()} and max {v.max()}"
+                )
+            if k == "running_var" and (cast < 0).any():
+                raise ValueError(f"expected running_var >= 0, got min {v.min()}")
+            new[k] = cast
         for k, v in new.items():
             if k == "num_batches_tracked":
                 self.num_batches_tracked = v
@@ -461,12 +489,26 @@ class BatchNorm(_NormBase):
                 f"expected x.shape[{self.axis}] == num_features == {self.num_features}, "
                 f"got x of shape {x.shape}"
             )
+        self._check_vectors()
         return x, ax
+
+    def _check_vectors(self) -> None:
+        """The public arrays (which a user may have replaced) still fit `num_features`."""
+        c = self.num_features
+        names = ("gamma", "beta") if self.affine else ()
+        if self.track_running_stats:
+            names += ("running_mean", "running_var")
+        for name in names:
+            _check_state_vector(getattr(self, name), name, c, "num_features")
 
     def _batch_stats(self, x3: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
         """Count, mean and biased variance per feature of the batch."""
+        count = x3.shape[0] * x3.shape[2]
+        if count == 0:  # forward raises, naming x's shape
+            nan = np.full(self.num_features, np.nan)
+            return 0, nan, nan
         mean, var = self.backend.moments(x3)
-        return x3.shape[0] * x3.shape[2], mean, var
+        return count, mean, var
 
     def _reduce_grad_sums(
         self, sum_dy: np.ndarray, sum_dy_xc: np.ndarray
