@@ -290,26 +290,56 @@ def _planes_normalize_ser(x, mean, var, gamma, beta, eps, y, center, inv_std):
 
 
 @njit(cache=True, fastmath=_FM)
-def _rows_grad_sums_part(dy, x, center, a0, a1, sdy, sdx):
+def _rows_grad_sums_part(dy, x, center, a0, a1, sdy, sdx, t1, t2):
+    """Add the sums of rows ``a0:a1`` into ``sdy``, ``sdx`` (float64).
+
+    Eight rows at a time are first summed in the data's dtype (in ``t1``, ``t2``), then added
+    to the float64 sums: the products ``dy * (x - center)`` are rounded to that dtype anyway
+    (as in the NumPy reference), and a sum of eight of them adds rounding of the same order,
+    while converting each value to float64 would cost more than the pass reads.
+    """
     c_len = x.shape[1]
     a = a0
-    # Two rows per sweep: half the loads and stores of the float64 partial sums.
-    while a + 2 <= a1:
+    while a + 8 <= a1:
         g0 = dy[a]
         g1 = dy[a + 1]
+        g2 = dy[a + 2]
+        g3 = dy[a + 3]
         x0 = x[a]
         x1 = x[a + 1]
+        x2 = x[a + 2]
+        x3 = x[a + 3]
         for c in range(c_len):
             m = center[c]
-            sdy[c] += np.float64(g0[c]) + np.float64(g1[c])
-            sdx[c] += np.float64(g0[c] * (x0[c] - m)) + np.float64(g1[c] * (x1[c] - m))
-        a += 2
-    if a < a1:
+            t1[c] = (g0[c] + g1[c]) + (g2[c] + g3[c])
+            t2[c] = (g0[c] * (x0[c] - m) + g1[c] * (x1[c] - m)) + (
+                g2[c] * (x2[c] - m) + g3[c] * (x3[c] - m)
+            )
+        g0 = dy[a + 4]
+        g1 = dy[a + 5]
+        g2 = dy[a + 6]
+        g3 = dy[a + 7]
+        x0 = x[a + 4]
+        x1 = x[a + 5]
+        x2 = x[a + 6]
+        x3 = x[a + 7]
+        for c in range(c_len):
+            m = center[c]
+            u1 = t1[c] + ((g0[c] + g1[c]) + (g2[c] + g3[c]))
+            u2 = t2[c] + (
+                (g0[c] * (x0[c] - m) + g1[c] * (x1[c] - m))
+                + (g2[c] * (x2[c] - m) + g3[c] * (x3[c] - m))
+            )
+            sdy[c] += u1
+            sdx[c] += u2
+        a += 8
+    while a < a1:
         g0 = dy[a]
         x0 = x[a]
         for c in range(c_len):
             sdy[c] += g0[c]
             sdx[c] += g0[c] * (x0[c] - center[c])
+        a += 1
 
 
 @njit(cache=True, parallel=True)
@@ -319,7 +349,10 @@ def _rows_grad_sums_par(dy, x, center, nthreads):
     sdy = np.zeros((parts, c_len))
     sdx = np.zeros((parts, c_len))
     for k in prange(parts):
-        _rows_grad_sums_part(dy, x, center, k * per, min(a_len, (k + 1) * per), sdy[k], sdx[k])
+        t1 = np.empty(c_len, x.dtype)
+        t2 = np.empty(c_len, x.dtype)
+        a1 = min(a_len, (k + 1) * per)
+        _rows_grad_sums_part(dy, x, center, k * per, a1, sdy[k], sdx[k], t1, t2)
     for k in range(1, parts):
         sdy[0] += sdy[k]
         sdx[0] += sdx[k]
@@ -328,9 +361,12 @@ def _rows_grad_sums_par(dy, x, center, nthreads):
 
 @njit(cache=True)
 def _rows_grad_sums_ser(dy, x, center):
-    sdy = np.zeros(x.shape[1])
-    sdx = np.zeros(x.shape[1])
-    _rows_grad_sums_part(dy, x, center, 0, x.shape[0], sdy, sdx)
+    c_len = x.shape[1]
+    sdy = np.zeros(c_len)
+    sdx = np.zeros(c_len)
+    t1 = np.empty(c_len, x.dtype)
+    t2 = np.empty(c_len, x.dtype)
+    _rows_grad_sums_part(dy, x, center, 0, x.shape[0], sdy, sdx, t1, t2)
     return sdy, sdx
 
 
