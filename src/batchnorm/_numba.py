@@ -18,7 +18,9 @@ Exact statistics: ``moments`` never forms the unshifted ``E[x^2] - E[x]^2``. It 
 bounds the loss of precision by the number of values (see the comment above the kernels).
 
 Elementwise passes (``affine``, ``grad_input``) stay in the dtype of the data, as in the NumPy
-reference; sums are accumulated in float64.
+reference; sums are accumulated in float64 (``moments`` adds every value in float64; the row
+kernel of ``grad_sums`` first adds eight rows in the data's dtype, in which the products
+``dy * (x - center)`` are rounded anyway, as in the NumPy reference).
 
 The kernels compile on first use with ``cache=True``, so the machine code is stored next to
 this file (or in ``NUMBA_CACHE_DIR``) and a second process loads it instead of compiling. Small
