@@ -202,7 +202,7 @@ class _AffineOnly:
         self.affine = nbk.NumbaBackend().affine
 
 
-@pytest.mark.parametrize("shape", [(32, 7, 1), (4, 5, 9)])
+@pytest.mark.parametrize("shape", [(32, 7, 1), (4, 5, 9), (5000, 7, 1), (40, 7, 200)])
 @pytest.mark.parametrize("dtype,vdtype", [(np.float32, np.float32), (np.float32, np.float64),
                                           (np.float64, np.float32), (np.float64, np.float64)])
 @pytest.mark.parametrize("with_gamma,with_beta", [(True, True), (False, True), (True, False)])
@@ -224,10 +224,10 @@ def test_fused_normalize_is_bit_for_bit_the_generic_code(
         np.testing.assert_array_equal(a, e)
 
 
-def test_fused_normalize_leaves_large_inputs_and_float16_vectors_to_the_caller():
+def test_fused_normalize_leaves_empty_inputs_and_float16_vectors_to_the_caller():
     be = nbk.NumbaBackend()
     v = np.ones(4, np.float32)
-    assert be.normalize(np.ones((nbk._SERIAL_BELOW, 4, 1), np.float32), v, v, v, v, 1e-5) is None
+    assert be.normalize(np.ones((0, 4, 1), np.float32), v, v, v, v, 1e-5) is None
     h = np.ones(4, np.float16)
     assert be.normalize(np.ones((8, 4, 1), np.float32), v, h, None, None, 1e-5) is None
     assert be.normalize(np.ones((8, 4, 1), np.float32), v, v, None, None, 1e-5) is not None
@@ -399,7 +399,9 @@ def test_second_process_loads_the_kernels_from_the_disk_cache(tmp_path):
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     first = run()
-    assert first["used"] == 4 and first["hits"] == 0
+    # Four entry points for training fwd+bwd (more in the first run: a kernel that another one
+    # calls, such as _coefs, compiles there too, and is part of its caller's cache entry).
+    assert first["used"] >= 4 and first["hits"] == 0
     assert list(tmp_path.rglob("*.nbi")) and list(tmp_path.rglob("*.nbc"))
     second = run()
     assert second["used"] == 4

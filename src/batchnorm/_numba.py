@@ -500,6 +500,7 @@ kernels = (
     _rows_affine_ser,
     _planes_affine_par,
     _planes_affine_ser,
+    _coefs,
     _rows_normalize_ser,
     _planes_normalize_ser,
     _rows_grad_sums_par,
@@ -592,14 +593,14 @@ class NumbaBackend:
         beta: np.ndarray | None,
         eps: float,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """``functional.normalize_with_stats`` in one compiled call, for small inputs.
+        """``functional.normalize_with_stats`` in compiled code: the per-feature coefficients
+        and the ``affine`` pass (small inputs: one call for both).
 
         Returns ``(y3, center, inv_std)``, bit for bit what the generic code gives, or None
-        where this does not pay (inputs large enough for the threads, where the pass over the
-        data dominates) or does not apply (float16 or non-array vectors): the caller then
+        where it does not apply (empty input, float16 or non-array vectors): the caller then
         does the generic computation.
         """
-        if x3.size >= _SERIAL_BELOW or x3.size == 0:
+        if x3.size == 0:
             return None
         vecs = (mean, var, gamma, beta)
         for v in vecs:
@@ -611,11 +612,22 @@ class NumbaBackend:
         # Allocated here: handing new arrays back from a compiled call costs more.
         center = np.empty(c_len, x3.dtype)
         inv_std = np.empty(c_len)
+        nt = _threads(x3.size)
+        if nt == 1:
+            if b_len == 1:
+                x2, y2 = x3.reshape(a_len, c_len), y.reshape(a_len, c_len)
+                _rows_normalize_ser(x2, *vecs, float(eps), y2, center, inv_std)
+            else:
+                _planes_normalize_ser(x3, *vecs, float(eps), y, center, inv_std)
+            return y, center, inv_std
+        scale = np.empty(c_len, x3.dtype)
+        shift = np.empty(c_len, x3.dtype)
+        _coefs(*vecs, float(eps), center, scale, shift, inv_std)
         if b_len == 1:
             x2, y2 = x3.reshape(a_len, c_len), y.reshape(a_len, c_len)
-            _rows_normalize_ser(x2, *vecs, float(eps), y2, center, inv_std)
+            _rows_affine_par(x2, center, scale, shift, y2, nt)
         else:
-            _planes_normalize_ser(x3, *vecs, float(eps), y, center, inv_std)
+            _planes_affine_par(x3, center, scale, shift, y, nt)
         return y, center, inv_std
 
     def grad_sums(

@@ -21,8 +21,9 @@ data, which is where the time goes:
 Optionally, a backend may have ``normalize(x3, mean, var, gamma, beta, eps)``, which does all of
 :func:`batchnorm.functional.normalize_with_stats` (per-feature coefficients and ``affine``) in
 one call and returns ``(y3, center, inv_std)`` bit for bit as the generic code would, or None
-to leave the input to the generic code (the numba backend uses it for small inputs, where the
-per-feature array operations cost more than the pass over the data).
+to leave the input to the generic code (the numba backend computes the coefficients in
+compiled code, and for small inputs in the same call as the pass: there the dozen tiny array
+operations of the generic code cost more than the pass over the data).
 
 ``center``, ``scale``, ``shift``, ``p``, ``q`` and ``r`` have length ``C`` and the dtype of ``x3``
 (float32 or float64; float16 never reaches a backend). Subtracting ``center`` before scaling keeps
