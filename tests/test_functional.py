@@ -160,6 +160,20 @@ def test_dtypes_are_kept_and_float16_is_computed_in_float32(backend, dtype, rng)
         np.testing.assert_array_equal(y, y32.astype(np.float16))
 
 
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">f2"])
+def test_byte_swapped_input_is_computed_like_native(backend, dtype, rng):
+    x = rng.normal(3, 2, (6, 4, 5)).astype(dtype)
+    native = x.astype(np.dtype(dtype).newbyteorder("="))
+    g = rng.normal(size=4).astype(">f4")
+    y, cache = batch_norm_train(x, g, None, backend=backend)
+    y0, cache0 = batch_norm_train(native, g.astype(np.float32), None, backend=backend)
+    assert y.dtype == x.dtype
+    np.testing.assert_array_equal(y, y0)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    for a, b in zip(batch_norm_backward(dy, cache), batch_norm_backward(dy, cache0), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.complex128, np.bool_, object])
 def test_non_float_input_is_a_type_error(dtype):
     x = np.ones((4, 3), dtype=dtype)

@@ -86,7 +86,8 @@ def compute_dtype(dtype: np.dtype, what: str = "x") -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype.type not in _FLOATS:
         raise TypeError(f"expected {what} of dtype float16, float32 or float64, got {dtype}")
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
+    # Native byte order: a byte-swapped '>f4' array is computed as float32 like any other.
+    return np.dtype(np.float32) if dtype.type is np.float16 else np.dtype(dtype.type)
 
 
 def normalize_axis(axis: int, ndim: int) -> int:
