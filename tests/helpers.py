@@ -1,4 +1,5 @@
-"""Finite differences and state snapshots for the tests."""
+"""Seeds, finite differences (the library's own, from batchnorm.gradcheck) and state snapshots
+for the tests."""
 
 from __future__ import annotations
 
@@ -7,36 +8,14 @@ import zlib
 
 import numpy as np
 
+from batchnorm.gradcheck import numerical_gradient as numerical_grad  # noqa: F401
+from batchnorm.gradcheck import relative_error as rel_error  # noqa: F401
+
 
 def seed_of(params) -> int:
     """A seed that depends on a test's parameters and is the same in every process (``hash`` of
     a string is not)."""
     return zlib.crc32(repr(params).encode())
-
-
-def numerical_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """Central-difference gradient of the scalar ``f()`` with respect to ``x`` (changed in place
-    and restored)."""
-    g = np.zeros(x.shape, dtype=np.float64)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + h
-        fp = f()
-        x[i] = old - h
-        fm = f()
-        x[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
-
-
-def rel_error(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| relative to the larger of max |a| and max |b|."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0), 1e-12)
-    return float(np.abs(a - b).max(initial=0.0) / scale)
 
 
 def snapshot(obj) -> dict:

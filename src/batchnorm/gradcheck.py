@@ -34,7 +34,7 @@ def numerical_gradient(f: Callable[[], float], x: np.ndarray, h: float = 1e-5) -
     ----------
     f : callable with no arguments returning a float
         Reads `x` (and whatever else it closes over) each time it is called.
-    x : ndarray, float64
+    x : ndarray, float64, any memory order
         Changed in place, one element at a time, and restored exactly.
     h : float, default 1e-5
         Step.
@@ -45,18 +45,14 @@ def numerical_gradient(f: Callable[[], float], x: np.ndarray, h: float = 1e-5) -
         ``(f(x + h e_i) - f(x - h e_i)) / (2 h)`` for every element ``i``.
     """
     grad = np.zeros(x.shape, dtype=np.float64)
-    flat = x.reshape(-1)  # a view: writes reach x (x must be contiguous)
-    if not np.shares_memory(flat, x):
-        raise ValueError("expected a contiguous array that can be changed in place")
-    g = grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
+    for i in np.ndindex(x.shape):  # by index, so Fortran-ordered and strided arrays work too
+        old = x[i]
+        x[i] = old + h
         fp = f()
-        flat[i] = old - h
+        x[i] = old - h
         fm = f()
-        flat[i] = old
-        g[i] = (fp - fm) / (2.0 * h)
+        x[i] = old
+        grad[i] = (fp - fm) / (2.0 * h)
     return grad
 
 
