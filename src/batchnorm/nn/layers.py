@@ -74,7 +74,25 @@ def _check_dy(dy: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     return dy
 
 
-class Linear(Layer):
+class _Weighted(Layer):
+    """A layer with a weight ``W`` and an optional bias ``b`` (None without one), and their
+    gradients ``dW``, ``db``."""
+
+    W: np.ndarray
+    b: np.ndarray | None
+    dW: np.ndarray | None
+    db: np.ndarray | None
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return {"W": self.W} if self.b is None else {"W": self.W, "b": self.b}
+
+    @property
+    def grads(self) -> dict[str, np.ndarray | None]:
+        return {"W": self.dW} if self.b is None else {"W": self.dW, "b": self.db}
+
+
+class Linear(_Weighted):
     """Affine map ``y = x @ W + b``.
 
     Parameters
@@ -140,14 +158,6 @@ class Linear(Layer):
         if self.b is not None:
             self.db = dy.sum(axis=0)
         return dy @ self.W.T
-
-    @property
-    def params(self) -> dict[str, np.ndarray]:
-        return {"W": self.W} if self.b is None else {"W": self.W, "b": self.b}
-
-    @property
-    def grads(self) -> dict[str, np.ndarray | None]:
-        return {"W": self.dW} if self.b is None else {"W": self.dW, "b": self.db}
 
     def __repr__(self) -> str:
         return f"Linear({self.in_features}, {self.out_features}, bias={self.b is not None})"
@@ -277,7 +287,7 @@ def col2im(
     return xp[:, pad : pad + h, pad : pad + w].transpose(0, 3, 1, 2)
 
 
-class Conv2d(Layer):
+class Conv2d(_Weighted):
     """2-D convolution (cross-correlation, as in every deep-learning library) through im2col.
 
     Parameters
@@ -370,14 +380,6 @@ class Conv2d(Layer):
         dcols = dy2 @ self.W.reshape(self.out_channels, -1)
         k = self.kernel_size
         return col2im(dcols, x_shape, k, k, self.stride, self.pad)
-
-    @property
-    def params(self) -> dict[str, np.ndarray]:
-        return {"W": self.W} if self.b is None else {"W": self.W, "b": self.b}
-
-    @property
-    def grads(self) -> dict[str, np.ndarray | None]:
-        return {"W": self.dW} if self.b is None else {"W": self.dW, "b": self.db}
 
     def __repr__(self) -> str:
         return (
