@@ -13,6 +13,13 @@ from .functional import (
     batch_norm_train,
     update_running_stats,
 )
+from .groupnorm import (
+    GroupNormCache,
+    group_norm,
+    group_norm_backward,
+    layer_norm,
+    layer_norm_backward,
+)
 from .layers import BatchNorm, BatchNormalization, load
 
 __version__ = "0.1.0"
@@ -21,12 +28,17 @@ __all__ = [
     "BatchNorm",
     "BatchNormCache",
     "BatchNormalization",
+    "GroupNormCache",
     "SyncBatchNorm",
     "available_backends",
     "batch_norm_backward",
     "batch_norm_inference",
     "batch_norm_train",
     "get_backend",
+    "group_norm",
+    "group_norm_backward",
+    "layer_norm",
+    "layer_norm_backward",
     "load",
     "update_running_stats",
 ]
