@@ -2,7 +2,9 @@
 
 Pure kernels (:func:`batch_norm_train`, :func:`batch_norm_inference`,
 :func:`batch_norm_backward`), the book's layer fixed (:class:`BatchNormalization`), a modern
-layer (:class:`BatchNorm`) and, with mpi4py, :class:`SyncBatchNorm`.
+layer (:class:`BatchNorm`) and, with mpi4py, :class:`SyncBatchNorm`; group, instance and layer
+normalization on the same primitives (:func:`group_norm`, :func:`layer_norm`,
+:class:`GroupNorm`, :class:`LayerNorm`).
 """
 
 from .backends import available_backends, get_backend
@@ -21,6 +23,7 @@ from .groupnorm import (
     layer_norm_backward,
 )
 from .layers import BatchNorm, BatchNormalization, load
+from .norm_layers import GroupNorm, LayerNorm
 
 __version__ = "0.1.0"
 
@@ -28,7 +31,9 @@ __all__ = [
     "BatchNorm",
     "BatchNormCache",
     "BatchNormalization",
+    "GroupNorm",
     "GroupNormCache",
+    "LayerNorm",
     "SyncBatchNorm",
     "available_backends",
     "batch_norm_backward",
