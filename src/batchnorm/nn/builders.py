@@ -1,21 +1,27 @@
-"""Builders for the demo's networks: an MLP and a small CNN, with or without batch norm."""
+"""Builders for the demo's networks: an MLP and a small CNN, with batch, group or layer
+normalization, or none."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..backends import Backend
 from ..layers import BatchNorm
+from ..norm_layers import GroupNorm, LayerNorm
 from .layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid
 from .sequential import Sequential
 
 __all__ = ["cnn", "init_std", "mlp"]
 
 WeightInit = float | str
+#: ``"batch"``, ``"group"``, ``"layer"``, None, or a callable ``make(shape) -> layer`` given the
+#: per-sample shape of the activations it normalises: ``(C, H, W)`` or ``(width,)``.
+Norm = str | Callable[[tuple[int, ...]], Any] | None
+_NORMS = ("batch", "group", "layer")
 
 
 def init_std(weight_init: WeightInit, fan_in: int) -> float:
@@ -50,6 +56,35 @@ def _activation(name: str) -> Any:
     raise ValueError(f"expected activation 'relu' or 'sigmoid', got {name!r}")
 
 
+def _norm_maker(
+    norm: Norm, batchnorm: bool, groups: int, dtype: Any, backend: str | Backend | None,
+    momentum: float, eps: float,
+) -> Callable[[tuple[int, ...]], Any] | None:
+    """``make(shape) -> layer`` for the normalization `norm` (None for no normalization)."""
+    if batchnorm and norm not in (None, "batch"):
+        raise ValueError(f"expected either batchnorm=True or norm={norm!r}, got both")
+    if batchnorm:
+        norm = "batch"
+    if norm is None or callable(norm):
+        return norm
+    if norm not in _NORMS:
+        raise ValueError(f"expected norm 'batch', 'group', 'layer', None or a callable, "
+                         f"got {norm!r}")
+    if norm == "group" and (isinstance(groups, bool) or not isinstance(groups, int)
+                            or groups < 1):
+        raise ValueError(f"expected groups to be an int >= 1, got {groups!r}")
+
+    def make(shape: tuple[int, ...]) -> Any:
+        kw = dict(eps=eps, dtype=dtype, backend=backend)
+        if norm == "batch":
+            return BatchNorm(shape[0], axis=1, momentum=momentum, **kw)
+        if norm == "group":
+            return GroupNorm(groups, shape[0], axis=1, **kw)
+        return LayerNorm(shape, **kw)
+
+    return make
+
+
 def mlp(
     in_features: int,
     out_features: int = 10,
@@ -63,8 +98,10 @@ def mlp(
     backend: str | Backend | None = None,
     bn_momentum: float = 0.9,
     bn_eps: float = 1e-5,
+    norm: Norm = None,
+    groups: int = 4,
 ) -> Sequential:
-    """A multilayer perceptron: ``[Linear -> (BatchNorm) -> activation] * len(hidden) -> Linear``.
+    """A multilayer perceptron: ``[Linear -> (norm) -> activation] * len(hidden) -> Linear``.
 
     Parameters
     ----------
@@ -82,13 +119,21 @@ def mlp(
         batch-norm layers draw nothing.
     dtype : float32 or float64
     backend, bn_momentum, bn_eps
-        Passed to :class:`batchnorm.BatchNorm` (``momentum``, ``eps``).
+        Passed to the normalization layers (``backend``, BatchNorm's ``momentum``, ``eps``).
+    norm : {"batch", "group", "layer"}, callable or None, default None
+        The normalization after each hidden affine layer, in place of ``batchnorm``:
+        ``BatchNorm(width)``, ``GroupNorm(groups, width)`` or ``LayerNorm(width)``; a callable
+        is called with ``(width,)`` and returns the layer. ``batchnorm=True`` is
+        ``norm="batch"``; giving both with another `norm` is a ValueError.
+    groups : int, default 4
+        Groups of ``norm="group"``; must divide every hidden width.
 
     Returns
     -------
     Sequential
         Takes (N, in_features), returns logits (N, out_features).
     """
+    make_norm = _norm_maker(norm, batchnorm, groups, dtype, backend, bn_momentum, bn_eps)
     rng = np.random.default_rng(0) if rng is None else rng
     layers: list[Any] = []
     sizes = [int(in_features), *(int(h) for h in hidden)]
@@ -97,10 +142,8 @@ def mlp(
         layers.append(
             Linear(fan_in, width, weight=std * rng.standard_normal((fan_in, width)), dtype=dtype)
         )
-        if batchnorm:
-            layers.append(
-                BatchNorm(width, momentum=bn_momentum, eps=bn_eps, dtype=dtype, backend=backend)
-            )
+        if make_norm is not None:
+            layers.append(make_norm((width,)))
         layers.append(_activation(activation))
     std = init_std(weight_init, sizes[-1])
     layers.append(
@@ -125,11 +168,13 @@ def cnn(
     backend: str | Backend | None = None,
     bn_momentum: float = 0.9,
     bn_eps: float = 1e-5,
+    norm: Norm = None,
+    groups: int = 4,
 ) -> Sequential:
     """A small convolutional network.
 
-    ``[Conv2d 3x3 pad 1 -> (BatchNorm per channel) -> ReLU -> MaxPool2d 2] * len(channels)
-    -> Flatten -> [Linear -> (BatchNorm) -> ReLU] * len(hidden) -> Linear``.
+    ``[Conv2d 3x3 pad 1 -> (norm) -> ReLU -> MaxPool2d 2] * len(channels)
+    -> Flatten -> [Linear -> (norm) -> ReLU] * len(hidden) -> Linear``.
 
     Parameters
     ----------
@@ -143,12 +188,24 @@ def cnn(
         channel over batch and positions), ``BatchNorm(width)`` after each hidden affine layer.
     weight_init, rng, dtype, backend, bn_momentum, bn_eps
         As for :func:`mlp`.
+    norm : {"batch", "group", "layer"}, callable or None, default None
+        The normalization after each convolution and each hidden affine layer, in place of
+        ``batchnorm``. On the (N, C, H, W) convolution outputs: ``"batch"`` is
+        ``BatchNorm(C, axis=1)``, ``"group"`` is ``GroupNorm(groups, C)`` (statistics per
+        sample and group of channels), ``"layer"`` is ``LayerNorm((C, H, W))`` (per sample over
+        all its values, one ``gamma`` per element, as PyTorch's ``nn.LayerNorm([C, H, W])``;
+        ``norm="group", groups=1`` is the same statistics with one ``gamma`` per channel). A
+        callable is called with ``(C, H, W)`` and with ``(width,)`` and returns the layer. The
+        hidden affine layers get what :func:`mlp` gives them.
+    groups : int, default 4
+        Groups of ``norm="group"``; must divide every channel count and hidden width.
 
     Returns
     -------
     Sequential
         Takes (N, C, H, W), returns logits (N, out_features).
     """
+    make_norm = _norm_maker(norm, batchnorm, groups, dtype, backend, bn_momentum, bn_eps)
     rng = np.random.default_rng(0) if rng is None else rng
     c, h, w = (int(v) for v in in_shape)
     layers: list[Any] = []
@@ -161,12 +218,11 @@ def cnn(
             Conv2d(c, int(out_c), 3, pad=1, weight=std * rng.standard_normal((out_c, c, 3, 3)),
                    dtype=dtype)
         )
-        if batchnorm:
-            layers.append(BatchNorm(int(out_c), axis=1, momentum=bn_momentum, eps=bn_eps,
-                                    dtype=dtype, backend=backend))
+        if make_norm is not None:
+            layers.append(make_norm((int(out_c), h, w)))
         layers += [ReLU(), MaxPool2d(2)]
         c, h, w = int(out_c), h // 2, w // 2
     layers.append(Flatten())
-    tail = mlp(c * h * w, out_features, hidden, batchnorm=batchnorm, weight_init=weight_init,
+    tail = mlp(c * h * w, out_features, hidden, norm=make_norm, weight_init=weight_init,
                rng=rng, dtype=dtype, backend=backend, bn_momentum=bn_momentum, bn_eps=bn_eps)
     return Sequential(layers + tail.layers)
