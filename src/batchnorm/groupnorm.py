@@ -203,8 +203,10 @@ def _backward(dys: np.ndarray, cache: GroupNormCache):
     shape = cache.param_shape
     if dgamma is not None:
         dgamma = dgamma.reshape(shape).astype(cache.gamma_dtype)
-    if dbeta is not None:
+    if cache.beta_dtype is not None:
         dbeta = dbeta.reshape(shape).astype(cache.beta_dtype)
+    else:
+        dbeta = None
     return dx, dgamma, dbeta
 
 
