@@ -8,6 +8,7 @@ normalization on the same primitives (:func:`group_norm`, :func:`layer_norm`,
 """
 
 from .backends import available_backends, get_backend
+from .fold import fold_batchnorm
 from .functional import (
     BatchNormCache,
     batch_norm_backward,
@@ -24,6 +25,7 @@ from .groupnorm import (
 )
 from .layers import BatchNorm, BatchNormalization, load
 from .norm_layers import GroupNorm, LayerNorm
+from .second_order import batch_norm_double_backward
 
 __version__ = "0.1.0"
 
@@ -37,8 +39,10 @@ __all__ = [
     "SyncBatchNorm",
     "available_backends",
     "batch_norm_backward",
+    "batch_norm_double_backward",
     "batch_norm_inference",
     "batch_norm_train",
+    "fold_batchnorm",
     "get_backend",
     "group_norm",
     "group_norm_backward",

@@ -21,6 +21,7 @@ Examples
 """
 
 from .builders import cnn, init_std, mlp
+from .deploy import fold_batchnorm, recompute_batchnorm_stats
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Sigmoid, col2im, im2col
 from .losses import SoftmaxCrossEntropy, softmax
 from .optim import SGD, Adam, Momentum, Optimizer
@@ -42,8 +43,10 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "cnn",
     "col2im",
+    "fold_batchnorm",
     "im2col",
     "init_std",
     "mlp",
+    "recompute_batchnorm_stats",
     "softmax",
 ]
