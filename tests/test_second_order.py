@@ -3,6 +3,8 @@ differences of batch_norm_backward, training and eval caches, every layout."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -209,3 +211,7 @@ def test_bad_input():
         batch_norm_double_backward(cache, x, x, None, np.ones((3, 1)))
     with pytest.raises(ValueError, match="expected ddgamma None for a forward without gamma"):
         batch_norm_double_backward(plain, x, x, np.ones(3))
+    # The cache of a SyncBatchNorm over several ranks: statistics of 8 values, input of 4.
+    synced = dataclasses.replace(cache, count=8)
+    with pytest.raises(ValueError, match="statistics over several processes are not supported"):
+        batch_norm_double_backward(synced, x, x)

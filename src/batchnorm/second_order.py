@@ -83,7 +83,9 @@ def batch_norm_double_backward(
     TypeError
         For a `cache` that is not a BatchNormCache, or non-float arrays.
     ValueError
-        For arrays of the wrong shape, or `ddgamma` given for a forward without `gamma`.
+        For arrays of the wrong shape, `ddgamma` given for a forward without `gamma`, or a
+        cache whose statistics cover more than its input (``SyncBatchNorm`` over several
+        processes).
 
     Notes
     -----
@@ -122,6 +124,13 @@ def batch_norm_double_backward(
 
     x3 = np.asarray(cache.x3, dtype=np.float64)
     m = x3.shape[0] * x3.shape[2]
+    if int(cache.count) != m:
+        # A SyncBatchNorm cache: its statistics cover every rank's values, its input only
+        # this rank's; the second derivative would need the other ranks' sums.
+        raise ValueError(
+            f"expected a cache whose statistics cover its own input ({m} values per feature), "
+            f"got count {cache.count} (statistics over several processes are not supported)"
+        )
     s = np.asarray(cache.inv_std, dtype=np.float64)[None, :, None]
     mean = np.asarray(cache.mean, dtype=np.float64)[None, :, None]
     g = np.asarray(cache.gamma, dtype=np.float64)[None, :, None] if has_gamma else np.ones(
