@@ -250,6 +250,18 @@ def test_no_batches_is_an_error():
         assert_same_state(snap, layer)
 
 
+def test_a_single_layer_as_the_model():
+    bn = BatchNorm(3, axis=-1, dtype=np.float64, unbiased=True)
+    batches = _batches(np.random.default_rng(11), [4, 7], (2, 3))
+    assert recompute_batchnorm_stats(bn, batches) == 2
+    z = [b.reshape(-1, 3) for b in batches]
+    n = np.array([len(v) for v in z])
+    want = sum(len(v) * v.var(axis=0) for v in z) / (n - 1).sum()
+    np.testing.assert_allclose(bn.running_var, want, rtol=1e-12)
+    np.testing.assert_allclose(bn.running_mean, np.concatenate(z).mean(0), rtol=1e-12)
+    assert bn.training
+
+
 def test_layers_without_running_stats_are_left_alone():
     model = Sequential([Linear(3, 3), BatchNorm(3, track_running_stats=False),
                         BatchNorm(3, dtype=np.float64)])

@@ -270,6 +270,9 @@ def recompute_batchnorm_stats(
     layers = [obj for obj in _walk(model) if isinstance(obj, BatchNorm)]
     work = _copy_model(model)
     work_layers = [obj for obj in _walk(work) if isinstance(obj, BatchNorm)]
+    if len(work_layers) != len(layers):  # pragma: no cover - a deep copy keeps the structure
+        raise RuntimeError(f"the copy of the model has {len(work_layers)} batch-norm layers, "
+                           f"expected {len(layers)}")
     # Every other layer in eval mode (containers first: Sequential.train sets its children),
     # then the batch norms in training mode.
     for obj in _walk(work):
