@@ -318,3 +318,15 @@ def test_folded_model_runs_after_flatten():
     x = np.random.default_rng(14).standard_normal((3, 1, 4, 4))
     folded = _check_folded(model, x, np.float64, n_bn_left=0)
     assert [type(la) for la in folded.layers] == [Conv2d, ReLU, Flatten, Linear]
+
+
+def test_group_norm_is_kept_even_when_strict():
+    from batchnorm import GroupNorm
+
+    model = Sequential([Conv2d(2, 4, 3, pad=1), GroupNorm(2, 4, dtype=np.float64), ReLU(),
+                        Conv2d(4, 4, 1), BatchNorm(4, dtype=np.float64)])
+    x = np.random.default_rng(15).standard_normal((3, 2, 5, 5))
+    folded = _check_folded(model, x, np.float64, n_bn_left=0)
+    assert [type(la) for la in fold_model(model, strict=True).layers] == [
+        Conv2d, GroupNorm, ReLU, Conv2d]
+    assert [type(la) for la in folded.layers] == [Conv2d, GroupNorm, ReLU, Conv2d]
