@@ -27,7 +27,12 @@ from batchnorm import (  # noqa: E402 - after the importorskip on purpose
 )
 from batchnorm import _numba as nbk  # noqa: E402
 from batchnorm import info as info_mod  # noqa: E402
-from batchnorm.backends import ENV_VAR, available_backends, get_backend  # noqa: E402
+from batchnorm.backends import (  # noqa: E402
+    ENV_VAR,
+    Backend,  # noqa: E402
+    available_backends,
+    get_backend,
+)
 from batchnorm.functional import normalize_with_stats  # noqa: E402
 from helpers import rel_error  # noqa: E402
 
@@ -193,7 +198,7 @@ def test_other_dtypes_are_rejected_by_the_backend():
 # the fused normalize of small inputs
 
 
-class _AffineOnly:
+class _AffineOnly(Backend):
     """The numba backend without its optional ``normalize``: the generic per-feature code."""
 
     name = "affine-only"
@@ -399,13 +404,14 @@ def test_second_process_loads_the_kernels_from_the_disk_cache(tmp_path):
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     first = run()
-    # Four entry points for training fwd+bwd (more in the first run: a kernel that another one
-    # calls, such as _coefs, compiles there too, and is part of its caller's cache entry).
-    assert first["used"] >= 4 and first["hits"] == 0
+    # Two entry points for a small training fwd+bwd: the fused forward and backward (more in
+    # the first run: a kernel that another one calls, such as _coefs, compiles there too, and
+    # is part of its caller's cache entry).
+    assert first["used"] >= 2 and first["hits"] == 0
     assert list(tmp_path.rglob("*.nbi")) and list(tmp_path.rglob("*.nbc"))
     second = run()
-    assert second["used"] == 4
-    assert second["hits"] == 4 and second["misses"] == 0
+    assert second["used"] == 2
+    assert second["hits"] == 2 and second["misses"] == 0
 
 
 # ---------------------------------------------------------------------------------------------

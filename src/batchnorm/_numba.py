@@ -33,6 +33,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .backends import Backend
+
 __all__ = ["NumbaBackend", "kernels"]
 
 # Reassociation lets LLVM vectorise the float64 reductions (it may sum in another order, which
@@ -491,6 +493,89 @@ def _planes_grad_input_ser(dy, x, center, p, q, r, dx):
     _planes_grad_input_part(dy, x, center, p, q, r, dx, 0, x.shape[0] * x.shape[1])
 
 
+# ---------------------------------------------------------------------------------------------
+# fused small-input steps: a whole local training forward (moments, coefficients, affine) or a
+# whole backward (sums, parameter gradients, coefficients, dx) in one serial compiled call. On a
+# small input, the calls and per-feature NumPy operations between the passes cost more than the
+# passes themselves.
+
+
+@njit(cache=True)
+def _rows_train_ser(x, gamma, beta, eps, y, center, inv_std):
+    mean, var = _rows_moments_ser(x)
+    c_len = x.shape[1]
+    scale = np.empty(c_len, x.dtype)
+    shift = np.empty(c_len, x.dtype)
+    _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
+    _rows_affine_part(x, center, scale, shift, y, 0, x.shape[0])
+    return mean, var
+
+
+@njit(cache=True)
+def _planes_train_ser(x, gamma, beta, eps, y, center, inv_std):
+    mean, var = _planes_moments_ser(x)
+    c_len = x.shape[1]
+    scale = np.empty(c_len, x.dtype)
+    shift = np.empty(c_len, x.dtype)
+    _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
+    _planes_affine_part(x, center, scale, shift, y, 0, x.shape[0] * x.shape[1])
+    return mean, var
+
+
+@njit(cache=True)
+def _backward_coefs(sdy, sdx, center, mean, inv_std, gamma, count, training, p, q, r, dgamma):
+    """The float64 operations of ``functional.param_grads`` and ``functional.input_grad``, in
+    their order (no fastmath)."""
+    for c in range(mean.shape[0]):
+        lo = mean[c] - np.float64(center[c])
+        dg = inv_std[c] * (sdx[c] - lo * sdy[c])
+        dgamma[c] = dg
+        k = inv_std[c] * np.float64(gamma[c])
+        p[c] = k
+        if training:
+            qc = -k * inv_std[c] * dg / count
+            q[c] = qc
+            r[c] = -k * sdy[c] / count - qc * lo
+        else:
+            q[c] = 0.0
+            r[c] = 0.0
+
+
+@njit(cache=True)
+def _rows_backward_ser(dy, x, center, mean, inv_std, gamma, count, training, dx, dgamma):
+    sdy, sdx = _rows_grad_sums_ser(dy, x, center)
+    c_len = x.shape[1]
+    p = np.empty(c_len, x.dtype)
+    q = np.empty(c_len, x.dtype)
+    r = np.empty(c_len, x.dtype)
+    _backward_coefs(sdy, sdx, center, mean, inv_std, gamma, count, training, p, q, r, dgamma)
+    _rows_grad_input_part(dy, x, center, p, q, r, dx, 0, x.shape[0])
+    return sdy
+
+
+@njit(cache=True)
+def _planes_backward_ser(dy, x, center, mean, inv_std, gamma, count, training, dx, dgamma):
+    sdy, sdx = _planes_grad_sums_ser(dy, x, center)
+    c_len = x.shape[1]
+    p = np.empty(c_len, x.dtype)
+    q = np.empty(c_len, x.dtype)
+    r = np.empty(c_len, x.dtype)
+    _backward_coefs(sdy, sdx, center, mean, inv_std, gamma, count, training, p, q, r, dgamma)
+    _planes_grad_input_part(dy, x, center, p, q, r, dx, 0, x.shape[0] * x.shape[1])
+    return sdy
+
+
+@njit(cache=True)
+def _running_update(rm, rv, mean, var, count, w_new, unbiased, new_m, new_v):
+    """The float64 operations of ``functional.update_running_stats``, in its order."""
+    w_old = 1.0 - w_new
+    d = max(count - 1.0, 1.0)
+    for c in range(mean.shape[0]):
+        v = var[c] * count / d if unbiased else var[c]
+        new_m[c] = np.float64(rm[c]) * w_old + w_new * mean[c]
+        new_v[c] = np.float64(rv[c]) * w_old + w_new * v
+
+
 kernels = (
     _rows_moments_par,
     _rows_moments_ser,
@@ -511,6 +596,11 @@ kernels = (
     _rows_grad_input_ser,
     _planes_grad_input_par,
     _planes_grad_input_ser,
+    _rows_train_ser,
+    _planes_train_ser,
+    _rows_backward_ser,
+    _planes_backward_ser,
+    _running_update,
 )
 """The compiled entry points (for ``batchnorm info`` and the cache test)."""
 
@@ -539,7 +629,7 @@ def _threads(size: int) -> int:
     return 1 if size < _SERIAL_BELOW else numba.get_num_threads()
 
 
-class NumbaBackend:
+class NumbaBackend(Backend):
     """Fused, multi-threaded numba kernels (see the module docstring).
 
     Threads: ``numba.set_num_threads`` or the environment variable ``NUMBA_NUM_THREADS``.
@@ -677,3 +767,98 @@ class NumbaBackend:
         else:
             _planes_grad_input_par(dy3, x3, *vecs, dx, nt)
         return dx
+
+    def train_forward(
+        self, x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """``moments`` and ``normalize`` in one serial call, for small inputs (None for the
+        others, and for float16 or non-array vectors)."""
+        size = x3.size
+        if size == 0 or size >= _SERIAL_BELOW or not (
+            _vec_ok(gamma) and _vec_ok(beta)
+        ):
+            return None
+        x3 = _data(x3)
+        a_len, c_len, b_len = x3.shape
+        dt = x3.dtype
+        # Ones and zeros give the same values as no scale or shift, with half the compiled
+        # variants.
+        gamma = np.ones(c_len, dt) if gamma is None else gamma
+        beta = np.zeros(c_len, dt) if beta is None else beta
+        y = np.empty_like(x3)
+        center = np.empty(c_len, dt)
+        inv_std = np.empty(c_len)
+        if b_len == 1:
+            mean, var = _rows_train_ser(
+                x3.reshape(a_len, c_len), gamma, beta, float(eps), y.reshape(a_len, c_len),
+                center, inv_std,
+            )
+        else:
+            mean, var = _planes_train_ser(x3, gamma, beta, float(eps), y, center, inv_std)
+        return y, mean, var, center, inv_std
+
+    def backward(
+        self,
+        dy3: np.ndarray,
+        x3: np.ndarray,
+        center: np.ndarray,
+        mean: np.ndarray,
+        inv_std: np.ndarray,
+        gamma: np.ndarray | None,
+        count: int,
+        training: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``grad_sums``, the parameter gradients and ``grad_input`` in one serial call, for
+        small inputs (None for the others)."""
+        size = x3.size
+        if size == 0 or size >= _SERIAL_BELOW or not _vec_ok(gamma):
+            return None
+        x3 = _data(x3)
+        dt = x3.dtype
+        dy3 = _data(dy3 if dy3.dtype is dt else dy3.astype(dt))
+        a_len, c_len, b_len = x3.shape
+        gamma = np.ones(c_len, dt) if gamma is None else gamma
+        dx = np.empty_like(x3)
+        dgamma = np.empty(c_len)
+        args = (center, mean, inv_std, gamma, float(count), bool(training))
+        if b_len == 1:
+            shape = (a_len, c_len)
+            dbeta = _rows_backward_ser(
+                dy3.reshape(shape), x3.reshape(shape), *args, dx.reshape(shape), dgamma
+            )
+        else:
+            dbeta = _planes_backward_ser(dy3, x3, *args, dx, dgamma)
+        return dx, dgamma, dbeta
+
+    def running_update(
+        self,
+        running_mean: np.ndarray,
+        running_var: np.ndarray,
+        mean: np.ndarray,
+        var: np.ndarray,
+        count: int,
+        w_new: float,
+        unbiased: bool,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """``functional.update_running_stats`` in one compiled call (float32/float64 running
+        statistics and float64 batch statistics; None for the others)."""
+        if not (
+            _vec_ok(running_mean) and _vec_ok(running_var)
+            and mean.dtype is _F64 and var.dtype is _F64
+        ):
+            return None
+        new_m = np.empty_like(running_mean)
+        new_v = np.empty_like(running_var)
+        _running_update(
+            running_mean, running_var, mean, var, float(count), float(w_new), bool(unbiased),
+            new_m, new_v,
+        )
+        return new_m, new_v
+
+
+_F64 = np.dtype(np.float64)
+
+
+def _vec_ok(v) -> bool:
+    """A per-feature vector the compiled code takes: None, or a float32/float64 ndarray."""
+    return v is None or (type(v) is np.ndarray and v.dtype in _VEC_DTYPES)

@@ -18,12 +18,20 @@ data, which is where the time goes:
 ``grad_input(dy3, x3, center, p, q, r) -> dx3``
     ``dx = p * dy + q * (x - center) + r``.
 
-Optionally, a backend may have ``normalize(x3, mean, var, gamma, beta, eps)``, which does all of
-:func:`batchnorm.functional.normalize_with_stats` (per-feature coefficients and ``affine``) in
-one call and returns ``(y3, center, inv_std)`` bit for bit as the generic code would, or None
-to leave the input to the generic code (the numba backend computes the coefficients in
-compiled code, and for small inputs in the same call as the pass: there the dozen tiny array
-operations of the generic code cost more than the pass over the data).
+Three optional fused methods let a backend do more in one call where per-call work dominates
+(small inputs). Each returns None to leave the input to the generic code, which is what the
+base class :class:`Backend` does:
+
+``normalize(x3, mean, var, gamma, beta, eps) -> (y3, center, inv_std) | None``
+    All of :func:`batchnorm.functional.normalize_with_stats` (per-feature coefficients and
+    ``affine``), bit for bit as the generic code would.
+``train_forward(x3, gamma, beta, eps) -> (y3, mean, var, center, inv_std) | None``
+    ``moments`` followed by ``normalize``: the whole training forward of a local batch.
+``backward(dy3, x3, center, mean, inv_std, gamma, count, training) -> (dx3, dgamma, dbeta) | None``
+    ``grad_sums``, the parameter gradients (float64) and ``grad_input`` of a local batch.
+``running_update(running_mean, running_var, mean, var, count, w_new, unbiased)``
+    ``-> (new_mean, new_var) | None``:
+    What :func:`batchnorm.functional.update_running_stats` computes, bit for bit.
 
 ``center``, ``scale``, ``shift``, ``p``, ``q`` and ``r`` have length ``C`` and the dtype of ``x3``
 (float32 or float64; float16 never reaches a backend). Subtracting ``center`` before scaling keeps
@@ -35,7 +43,6 @@ and ``r``.
 from __future__ import annotations
 
 import os
-from typing import Protocol
 
 import numpy as np
 
@@ -44,20 +51,24 @@ __all__ = ["Backend", "NumpyBackend", "available_backends", "get_backend"]
 ENV_VAR = "BATCHNORM_BACKEND"
 
 
-class Backend(Protocol):
-    """The interface of a compute backend (see the module docstring)."""
+class Backend:
+    """The interface of a compute backend, and the base class of every backend (see the module
+    docstring): the four primitives are required, the fused methods optional."""
 
-    name: str
+    name: str = "abstract"
 
-    def moments(self, x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def moments(self, x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
 
     def affine(
         self, x3: np.ndarray, center: np.ndarray, scale: np.ndarray, shift: np.ndarray
-    ) -> np.ndarray: ...
+    ) -> np.ndarray:
+        raise NotImplementedError
 
     def grad_sums(
         self, dy3: np.ndarray, x3: np.ndarray, center: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]: ...
+    ) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
 
     def grad_input(
         self,
@@ -67,7 +78,53 @@ class Backend(Protocol):
         p: np.ndarray,
         q: np.ndarray,
         r: np.ndarray,
-    ) -> np.ndarray: ...
+    ) -> np.ndarray:
+        raise NotImplementedError
+
+    # optional fused methods: None means "not here, use the primitives"
+    def normalize(
+        self,
+        x3: np.ndarray,
+        mean: np.ndarray,
+        var: np.ndarray,
+        gamma: np.ndarray | None,
+        beta: np.ndarray | None,
+        eps: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        return None
+
+    def train_forward(
+        self, x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        return None
+
+    def backward(
+        self,
+        dy3: np.ndarray,
+        x3: np.ndarray,
+        center: np.ndarray,
+        mean: np.ndarray,
+        inv_std: np.ndarray,
+        gamma: np.ndarray | None,
+        count: int,
+        training: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        return None
+
+    def running_update(
+        self,
+        running_mean: np.ndarray,
+        running_var: np.ndarray,
+        mean: np.ndarray,
+        var: np.ndarray,
+        count: int,
+        w_new: float,
+        unbiased: bool,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
 
 
 def _col(v: np.ndarray) -> np.ndarray:
@@ -79,7 +136,7 @@ def _col(v: np.ndarray) -> np.ndarray:
 _quiet = np.errstate(invalid="ignore", over="ignore")
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     """Vectorised NumPy: the reference every other backend is tested against."""
 
     name = "numpy"
@@ -165,18 +222,31 @@ def get_backend(backend: str | Backend | None = None) -> Backend:
     Raises
     ------
     ValueError
-        For an unknown name.
+        For an unknown name (naming the environment variable when it came from there).
+    TypeError
+        For anything else than a name, a :class:`Backend` or None.
     ImportError
         When ``"numba"`` is asked for and numba cannot be imported.
     """
+    source = None
     if backend is None:
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
-    if not isinstance(backend, str):
+        source = ENV_VAR
+    if isinstance(backend, Backend):
         return backend
+    if not isinstance(backend, str):
+        raise TypeError(
+            f"expected backend 'auto', 'numpy', 'numba', a Backend or None, got {backend!r}"
+        )
     name = backend.strip().lower()
-    if name == "auto":
-        try:
-            return _load("numba")
-        except ImportError:
-            return _load("numpy")
-    return _load(name)
+    try:
+        if name == "auto":
+            try:
+                return _load("numba")
+            except ImportError:
+                return _load("numpy")
+        return _load(name)
+    except ValueError as err:
+        if source is None:
+            raise
+        raise ValueError(f"environment variable {source}={backend!r}: {err}") from None

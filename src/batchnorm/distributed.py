@@ -49,13 +49,14 @@ from typing import Any
 
 import numpy as np
 
-from . import functional as F
 from .backends import Backend
-from .layers import BatchNorm, _nonfinite_error
+from .layers import BatchNorm
+from .reducers import LOCAL, all_finite, nonfinite_error
 
 __all__ = [
     "DataParallel",
     "GlobalMeanLoss",
+    "MPIReducer",
     "SyncBatchNorm",
     "allreduce_grads",
     "convert_sync_batchnorm",
@@ -158,85 +159,36 @@ def _merge(table: np.ndarray, c: int) -> tuple[float, np.ndarray, np.ndarray]:
     return n, mean, m2
 
 
-class SyncBatchNorm(BatchNorm):
-    """:class:`~batchnorm.BatchNorm` with statistics over the batches of all MPI ranks.
+class MPIReducer:
+    """The reducer of :class:`SyncBatchNorm`: statistics and gradient sums over every rank of
+    an mpi4py communicator (see the module notes and :mod:`batchnorm.reducers`).
 
     Parameters
     ----------
+    comm : mpi4py.MPI.Intracomm
     num_features : int
-        Size ``C`` of the feature axis.
-    comm : mpi4py.MPI.Intracomm or None, default None
-        The ranks that share a batch; None means ``MPI.COMM_WORLD``.
-    timeout : float or None, default None
-        Seconds a rank waits in a collective before it reports the problem on stderr and calls
-        ``MPI_Abort`` (ending every rank of the job). None waits forever, with blocking
-        collectives (slightly faster); see the module notes for what happens when a rank dies.
-    **kwargs
-        ``axis, eps, momentum, affine, track_running_stats, unbiased, dtype, backend`` as in
-        :class:`~batchnorm.BatchNorm`.
-
-    Notes
-    -----
-    In training mode, on a communicator of more than one rank, with ``x_r`` the batch of rank
-    ``r`` (any number of samples, zero included) and ``X`` their concatenation along the batch
-    axes in rank order:
-
-    - the output and ``dx`` of each rank are the rows of ``BatchNorm`` applied to ``X``;
-    - the running statistics are ``BatchNorm``'s on ``X`` and identical on every rank;
-    - ``dgamma`` and ``dbeta`` are this rank's share: their sum over ranks (the all-reduce a
-      data-parallel trainer does for every parameter) is ``BatchNorm``'s on ``X``.
-
-    Eval mode and a communicator of one rank use the local path (no communication); with
-    ``track_running_stats=False`` eval mode normalises with the local batch's statistics.
-    Every rank must call ``forward`` and ``backward`` in the same order and the same mode.
-
-    Costs one ``Allgather`` of ``P * (2C + 2)`` float64 per training forward and one
-    ``Allreduce`` of ``2C + 2`` float64 per backward, whatever the batch size.
-
-    Raises
-    ------
-    ImportError
-        When mpi4py or its MPI library is missing.
+        Fixes the size of the collectives' buffers, so that a rank whose input is invalid can
+        still take part (with a failure code) without looking at it.
+    timeout : float or None
+        Seconds to wait in a collective before ``MPI_Abort``; None waits forever (blocking
+        collectives).
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        comm: Any = None,
-        timeout: float | None = None,
-        axis: int = 1,
-        eps: float = 1e-5,
-        momentum: float | None = 0.9,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        unbiased: bool = False,
-        dtype: Any = np.float32,
-        backend: str | Backend | None = None,
-    ) -> None:
-        MPI = _mpi()
-        if comm is None:
-            comm = MPI.COMM_WORLD
-        if not isinstance(comm, MPI.Intracomm):
-            raise TypeError(f"expected comm to be an mpi4py Intracomm, got {type(comm).__name__}")
-        if timeout is not None and not (float(timeout) > 0):
-            raise ValueError(f"expected timeout > 0 seconds or None, got {timeout}")
-        super().__init__(
-            num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
-            track_running_stats=track_running_stats, unbiased=unbiased, dtype=dtype,
-            backend=backend,
-        )
+    local = False
+
+    def __init__(self, comm: Any, num_features: int, timeout: float | None = None) -> None:
         self.comm = comm
+        self.num_features = int(num_features)
         self.timeout = None if timeout is None else float(timeout)
-        self._cache_synced = False
-        self._x_shape: tuple[int, ...] = ()
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ranks={self.comm.Get_size()}, timeout={self.timeout}"
+    def __deepcopy__(self, memo) -> MPIReducer:
+        return self  # holds a communicator, which is not copied
 
-    def _syncing(self) -> bool:
-        """Whether a forward now communicates: training on more than one rank."""
-        return self.training and self.comm.Get_size() > 1
+    def __repr__(self) -> str:
+        return (
+            f"MPIReducer(ranks={self.comm.Get_size()}, num_features={self.num_features}, "
+            f"timeout={self.timeout})"
+        )
 
     # collectives -----------------------------------------------------------------------------
     def _wait(self, request, what: str) -> None:
@@ -287,30 +239,31 @@ class SyncBatchNorm(BatchNorm):
             row[2 + c :] = m2
         return self._allgather(row)
 
-    # hooks -----------------------------------------------------------------------------------
-    def _validate(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        if not self._syncing():
-            return super()._validate(x)
+    # the reducer interface -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def guard(self, phase: str) -> Iterator[None]:
+        """Join the collective the other ranks are entering with a failure code when the body
+        raises on this rank, so that they raise too instead of waiting for it forever."""
         try:
-            x, ax = super()._validate(x)
+            yield
         except Exception as err:
-            # The other ranks are on their way into the all-gather of _batch_stats: join it
-            # with a failure code so that they raise too, instead of waiting for us forever.
-            self._exchange_stats(_code_of(err), 0, None, None)
+            if phase == "forward":
+                self._exchange_stats(_code_of(err), 0, None, None)
+            else:
+                buf = np.zeros(2 * self.num_features + 2)
+                buf[-2] = self.comm.Get_rank() + 1
+                buf[-1] = 1
+                self._allreduce(buf)
             raise
-        self._x_shape = x.shape
-        return x, ax
 
-    def _batch_stats(self, x3: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-        if not self._syncing():
-            return super()._batch_stats(x3)
+    def moments(self, backend, x3, *, check_finite, shape):
         c = self.num_features
         n = x3.shape[0] * x3.shape[2]
         status, own_error = _OK, None
         if n > 0:
-            mean, var = self.backend.moments(x3)
-            if not (np.isfinite(mean).all() and np.isfinite(var).all()):
-                status, own_error = _NONFINITE, _nonfinite_error(mean, var, self._x_shape)
+            mean, var = backend.moments(x3)
+            if check_finite and not all_finite(mean, var):
+                status, own_error = _NONFINITE, nonfinite_error(mean, var, shape)
             m2 = var * n
         else:
             # An empty shard: its moments would be 0/0; it contributes count 0.
@@ -325,20 +278,12 @@ class SyncBatchNorm(BatchNorm):
         var = gm2 / count if count > 0 else gm2
         return count, gmean, var
 
-    def _reduce_grad_sums(
-        self, sum_dy: np.ndarray, sum_dy_xc: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if not self._cache_synced:
-            return sum_dy, sum_dy_xc
+    def grad_sums(self, sum_dy, sum_dy_xc):
         c = self.num_features
         buf = np.zeros(2 * c + 2)
         buf[:c] = sum_dy
         buf[c : 2 * c] = sum_dy_xc
         out = self._allreduce(buf)
-        self._raise_if_failed(out)
-        return out[:c], out[c : 2 * c]
-
-    def _raise_if_failed(self, out: np.ndarray) -> None:
         failed = int(out[-1])
         if failed:
             size = self.comm.Get_size()
@@ -350,70 +295,91 @@ class SyncBatchNorm(BatchNorm):
                 f"SyncBatchNorm.backward failed on {failed} of {size} ranks (see their "
                 "messages); every rank raised"
             )
+        return out[:c], out[c : 2 * c]
 
-    # forward / backward ----------------------------------------------------------------------
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Normalise `x`; in training, with the statistics of all ranks' batches together.
 
-        Parameters
-        ----------
-        x : ndarray with ``x.shape[axis] == num_features``
-            This rank's part of the batch; it may have zero samples.
+class SyncBatchNorm(BatchNorm):
+    """:class:`~batchnorm.BatchNorm` with statistics over the batches of all MPI ranks.
 
-        Returns
-        -------
-        y : ndarray, same shape and dtype as `x`
+    It is :class:`~batchnorm.BatchNorm` with an :class:`MPIReducer`: the same forward and
+    backward, whose statistics and gradient sums the reducer combines over the ranks.
 
-        Raises
-        ------
-        TypeError, ValueError
-            As :meth:`BatchNorm.forward`, on every rank when the input of any rank is
-            invalid: the failing rank raises its own error, the others one of the same class
-            that names the failing rank.
-        """
-        synced = self._syncing()
-        y = super().forward(x)
-        # Only reached when the forward succeeded, i.e. together with the new cache.
-        self._cache_synced = synced
-        return y
+    Parameters
+    ----------
+    num_features : int
+        Size ``C`` of the feature axis.
+    comm : mpi4py.MPI.Intracomm or None, default None
+        The ranks that share a batch; None means ``MPI.COMM_WORLD``.
+    timeout : float or None, default None
+        Seconds a rank waits in a collective before it reports the problem on stderr and calls
+        ``MPI_Abort`` (ending every rank of the job). None waits forever, with blocking
+        collectives (slightly faster); see the module notes for what happens when a rank dies.
+    **kwargs
+        ``axis, eps, momentum, affine, track_running_stats, unbiased, dtype, backend`` as in
+        :class:`~batchnorm.BatchNorm`.
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        """Gradient with respect to the last forward's input; sets this rank's `dgamma` and
-        `dbeta` (sum them over ranks for the whole batch's).
+    Notes
+    -----
+    In training mode, on a communicator of more than one rank, with ``x_r`` the batch of rank
+    ``r`` (any number of samples, zero included) and ``X`` their concatenation along the batch
+    axes in rank order:
 
-        Parameters
-        ----------
-        dy : ndarray, same shape as the last forward's `x`
+    - the output and ``dx`` of each rank are the rows of ``BatchNorm`` applied to ``X``;
+    - the running statistics are ``BatchNorm``'s on ``X`` and identical on every rank;
+    - ``dgamma`` and ``dbeta`` are this rank's share: their sum over ranks (the all-reduce a
+      data-parallel trainer does for every parameter) is ``BatchNorm``'s on ``X``.
 
-        Returns
-        -------
-        dx : ndarray, same shape and dtype as the last forward's `x`
-            Equal to the rows of the whole batch's ``dx`` for this rank's samples.
+    Eval mode and a communicator of one rank use the local path (no communication); with
+    ``track_running_stats=False`` eval mode normalises with the local batch's statistics.
+    Every rank must call ``forward`` and ``backward`` in the same order and the same mode.
+    When the input of any rank is invalid, every rank raises: the failing rank its own error,
+    the others an error of the same class that names the failing rank; nothing is updated.
 
-        Raises
-        ------
-        ValueError, TypeError
-            For a `dy` of the wrong shape or dtype; every rank raises when one rank's `dy` is
-            bad (the others a RuntimeError naming it).
-        """
-        cache = self._cache
-        if cache is None or not (cache.training and self._cache_synced):
-            return super().backward(dy)
-        try:
-            dy = np.asarray(dy)
-            if dy.shape != cache.shape:
-                raise ValueError(
-                    f"expected dy of shape {cache.shape} (the forward input's), got {dy.shape}"
-                )
-            F.compute_dtype(dy.dtype, "dy")
-        except Exception:
-            # Join the all-reduce the other ranks are entering, flagged, then raise.
-            buf = np.zeros(2 * self.num_features + 2)
-            buf[-2] = self.comm.Get_rank() + 1
-            buf[-1] = 1
-            self._allreduce(buf)
-            raise
-        return super().backward(dy)
+    Costs one ``Allgather`` of ``P * (2C + 2)`` float64 per training forward and one
+    ``Allreduce`` of ``2C + 2`` float64 per backward, whatever the batch size.
+
+    Raises
+    ------
+    ImportError
+        When mpi4py or its MPI library is missing.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        comm: Any = None,
+        timeout: float | None = None,
+        axis: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.9,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        unbiased: bool = False,
+        dtype: Any = np.float32,
+        backend: str | Backend | None = None,
+    ) -> None:
+        MPI = _mpi()
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if not isinstance(comm, MPI.Intracomm):
+            raise TypeError(f"expected comm to be an mpi4py Intracomm, got {type(comm).__name__}")
+        if timeout is not None and not (float(timeout) > 0):
+            raise ValueError(f"expected timeout > 0 seconds or None, got {timeout}")
+        super().__init__(
+            num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
+            track_running_stats=track_running_stats, unbiased=unbiased, dtype=dtype,
+            backend=backend,
+        )
+        self.comm = comm
+        self.timeout = None if timeout is None else float(timeout)
+        # One rank: the local path, without communication.
+        self.reducer = (
+            MPIReducer(comm, self.num_features, self.timeout) if comm.Get_size() > 1 else LOCAL
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ranks={self.comm.Get_size()}, timeout={self.timeout}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,10 +420,12 @@ def convert_sync_batchnorm(model: Any, comm: Any = None, *, timeout: float | Non
                 track_running_stats=obj.track_running_stats, unbiased=obj.unbiased,
                 dtype=obj.dtype, backend=obj.backend,
             )
-            # Share the very arrays (and mode, counters, cache) rather than copying them.
+            # Share the very arrays (and mode, counters) rather than copying them; keep the new
+            # layer's communicator and reducer. The old cache was made with the local reducer,
+            # so a backward after the conversion stays local, as the forward was.
             for key, value in vars(obj).items():
-                setattr(new, key, value)
-            new._cache_synced = False
+                if key not in ("reducer", "comm", "timeout"):
+                    setattr(new, key, value)
             memo[id(obj)] = new
             return new
         if isinstance(obj, list):

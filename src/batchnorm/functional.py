@@ -28,34 +28,61 @@ from typing import overload
 import numpy as np
 
 from .backends import Backend, get_backend
+from .checks import (
+    check_dy,
+    check_eps,
+    check_input,
+    check_momentum,
+    check_vector,
+    compute_dtype,
+    normalize_axis,
+)
+from .reducers import LOCAL, Reducer, all_finite, nonfinite_error
 
 __all__ = [
     "BatchNormCache",
+    "backward",
     "batch_norm_backward",
     "batch_norm_inference",
     "batch_norm_train",
+    "inference_forward",
+    "train_forward",
     "update_running_stats",
 ]
 
-_FLOATS = (np.float16, np.float32, np.float64)
-_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+# Re-exported for callers that validate like the kernels do.
+_ = (compute_dtype, normalize_axis)
+
 # NaN and Inf propagate by design; the layers decide what to do with them.
 _quiet = np.errstate(invalid="ignore", over="ignore", divide="ignore")
 
 
-@dataclass
+@dataclass(eq=False)
 class BatchNormCache:
-    """What ``batch_norm_backward`` needs from a forward call.
+    """What the backward pass needs from a forward call.
 
     Attributes
     ----------
     mean, var : ndarray of shape (C,), float64
         The statistics that normalised the input: the batch mean and biased batch variance in
-        training, the given (running) ones in inference.
+        training (over every process's batch, with a reducer that communicates), the given
+        (running) ones in inference.
     count : int
         Values per feature that the statistics cover (``M``).
     training : bool
         True when batch statistics were used (their gradient flows back into ``dx``).
+    x3 : ndarray of shape (A, C, B)
+        The input viewed as (A, C, B) in the compute dtype (not a copy where none was needed).
+    center : ndarray of shape (C,)
+        The mean rounded to the compute dtype (``x - center`` is exact).
+    inv_std : ndarray of shape (C,), float64
+        ``1 / sqrt(var + eps)``.
+    gamma : ndarray of shape (C,) or None
+        The scale at forward time, in the compute dtype.
+    shape, dtype, axis, eps
+        The input's shape and dtype, the feature axis (non-negative), eps.
+    backend, reducer
+        What computed the forward; backward uses the same.
     """
 
     mean: np.ndarray
@@ -68,80 +95,38 @@ class BatchNormCache:
     gamma: np.ndarray | None = field(repr=False)
     gamma_dtype: np.dtype | None = field(repr=False)
     beta_dtype: np.dtype | None = field(repr=False)
-    shape: tuple[int, ...] = ()
-    dtype: np.dtype = np.dtype(np.float64)
-    axis: int = 1
-    eps: float = 1e-5
-    backend: Backend | None = field(default=None, repr=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# validation
-
-
-def compute_dtype(dtype: np.dtype, what: str = "x") -> np.dtype:
-    """The dtype a kernel computes in for data of ``dtype`` (float16 -> float32)."""
-    if dtype is _F32 or dtype is _F64:  # the usual case, without building a dtype
-        return dtype
-    dtype = np.dtype(dtype)
-    if dtype.type not in _FLOATS:
-        raise TypeError(f"expected {what} of dtype float16, float32 or float64, got {dtype}")
-    # Native byte order: a byte-swapped '>f4' array is computed as float32 like any other.
-    return np.dtype(np.float32) if dtype.type is np.float16 else np.dtype(dtype.type)
-
-
-def normalize_axis(axis: int, ndim: int) -> int:
-    """``axis`` as a non-negative index into ``ndim`` dims, or a ValueError."""
-    if type(axis) is int and -ndim <= axis < ndim:  # the usual case, quickly
-        return axis % ndim
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"expected axis to be an int, got {type(axis).__name__}")
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"axis {axis} is out of range for input with {ndim} dims "
-            f"(expected {-ndim} <= axis < {ndim})"
-        )
-    return int(axis) % ndim
-
-
-def check_input(x: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
-    """Validate ``x`` and ``axis``; return ``x`` as an array and the axis as an index."""
-    if type(x) is not np.ndarray:
-        x = np.asarray(x)
-    compute_dtype(x.dtype)
-    if x.ndim < 2:
-        raise ValueError(
-            f"expected input with at least 2 dims (a batch axis and a feature axis), "
-            f"got {x.ndim}-D of shape {x.shape}"
-        )
-    return x, normalize_axis(axis, x.ndim)
-
-
-def check_vector(v, name: str, size: int, x_shape: tuple[int, ...], axis: int) -> np.ndarray:
-    """``v`` as a float vector of ``size`` values, or an error naming both shapes."""
-    if type(v) is not np.ndarray:
-        v = np.asarray(v)
-    if v.dtype.type not in _FLOATS:
-        raise TypeError(f"expected {name} of dtype float16, float32 or float64, got {v.dtype}")
-    if v.shape != (size,):
-        raise ValueError(
-            f"expected {name} with {size} values (x.shape[{axis}] of x with shape {x_shape}), "
-            f"got shape {v.shape}"
-        )
-    return v
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    axis: int
+    eps: float
+    backend: Backend = field(repr=False)
+    reducer: Reducer = field(repr=False)
 
 
 def as_3d(x: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
-    """View ``x`` as ``(A, C, B)`` with ``C = x.shape[axis]`` (a copy only where needed)."""
-    a = math.prod(x.shape[:axis])
-    b = math.prod(x.shape[axis + 1 :])
+    """View `x` as ``(A, C, B)`` with ``C = x.shape[axis]`` (a copy only where needed)."""
+    shape = x.shape
     if x.dtype is not dtype:
         x = x.astype(dtype, copy=False)
-    return x.reshape(a, x.shape[axis], b)
+    if axis == 1 and len(shape) == 2:  # the usual (N, C) case
+        return x.reshape(shape[0], shape[1], 1)
+    return x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
+
+
+def _count_error(count: int, min_count: int, shape: tuple[int, ...], axis) -> ValueError:
+    if min_count > 1:
+        return ValueError(
+            f"expected more than 1 value per feature in training, got x of shape {shape} "
+            f"({count} value(s) per feature on axis {axis})"
+        )
+    return ValueError(
+        f"expected a non-empty batch, got x of shape {shape}: expected at least one value per "
+        "feature"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# building blocks shared with the synchronised layer
+# the steps of the one orchestration
 
 
 @_quiet
@@ -159,15 +144,9 @@ def normalize_with_stats(
     Returns ``(y3, center, inv_std)``: the float part of the mean the backend subtracted and
     the float64 inverse standard deviation, both needed by the backward pass.
     """
-    # A backend may do all of this in one call (numba, small inputs: there the dozen tiny
-    # array operations below cost more than the pass over the data).
-    fused = getattr(backend, "normalize", None)
+    fused = backend.normalize(x3, mean, var, gamma, beta, eps)
     if fused is not None:
-        out = fused(x3, mean, var, gamma, beta, eps)
-        if out is not None:
-            return out
-    # Few, array-only operations: on small inputs these per-feature lines cost more than the
-    # pass over the data.
+        return fused
     dtype = x3.dtype
     mean = np.asarray(mean, dtype=np.float64)
     inv_std = np.sqrt(np.asarray(var, dtype=np.float64) + eps)
@@ -216,26 +195,58 @@ def input_grad(
     )
 
 
-def make_cache(
+def _output(y3: np.ndarray, x: np.ndarray) -> np.ndarray:
+    y = y3.reshape(x.shape)
+    return y if y.dtype is x.dtype else y.astype(x.dtype)
+
+
+def train_forward(
     x: np.ndarray,
-    x3: np.ndarray,
     axis: int,
-    mean: np.ndarray,
-    var: np.ndarray,
-    count: int,
-    training: bool,
-    center: np.ndarray,
-    inv_std: np.ndarray,
     gamma: np.ndarray | None,
     beta: np.ndarray | None,
     eps: float,
     backend: Backend,
-) -> BatchNormCache:
-    return BatchNormCache(
-        mean=np.array(mean, dtype=np.float64),
-        var=np.array(var, dtype=np.float64),
+    reducer: Reducer = LOCAL,
+    *,
+    min_count: int = 1,
+    check_finite: bool = False,
+    axis_label: int | None = None,
+) -> tuple[np.ndarray, BatchNormCache]:
+    """The training forward of every layer and kernel, on checked arguments.
+
+    Batch statistics from `reducer` (or, for a local reducer, from the backend's fused kernel
+    where it has one), then the normalize pass. `axis` must be a non-negative index and
+    `gamma`, `beta` vectors of ``x.shape[axis]`` values (or None).
+
+    Raises
+    ------
+    ValueError
+        Fewer than `min_count` values per feature (over all processes, for a reducer that
+        communicates); non-finite statistics when `check_finite`.
+    """
+    x3 = as_3d(x, axis, compute_dtype(x.dtype))
+    count = x3.shape[0] * x3.shape[2]
+    fused = None
+    if reducer.local and count >= min_count:
+        fused = backend.train_forward(x3, gamma, beta, eps)
+    if fused is None:
+        count, mean, var = reducer.moments(
+            backend, x3, check_finite=check_finite, shape=x.shape
+        )
+        if count < min_count:
+            label = axis if axis_label is None else axis_label
+            raise _count_error(count, min_count, x.shape, label)
+        y3, center, inv_std = normalize_with_stats(x3, mean, var, gamma, beta, eps, backend)
+    else:
+        y3, mean, var, center, inv_std = fused
+        if check_finite and not all_finite(mean, var):
+            raise nonfinite_error(mean, var, x.shape)
+    cache = BatchNormCache(
+        mean=mean,
+        var=var,
         count=count,
-        training=training,
+        training=True,
         x3=x3,
         center=center,
         inv_std=inv_std,
@@ -247,14 +258,76 @@ def make_cache(
         axis=axis,
         eps=eps,
         backend=backend,
+        reducer=reducer,
     )
+    return _output(y3, x), cache
 
 
-def _check_eps(eps: float) -> float:
-    eps = float(eps)
-    if not eps > 0 or not math.isfinite(eps):
-        raise ValueError(f"expected eps > 0, got {eps}")
-    return eps
+def inference_forward(
+    x: np.ndarray,
+    axis: int,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    mean: np.ndarray,
+    var: np.ndarray,
+    eps: float,
+    backend: Backend,
+    *,
+    keep_cache: bool = True,
+) -> tuple[np.ndarray, BatchNormCache | None]:
+    """The inference forward (given statistics) of every layer and kernel, on checked
+    arguments; the cache (for the gradient of this fixed transform) only with `keep_cache`."""
+    x3 = as_3d(x, axis, compute_dtype(x.dtype))
+    y3, center, inv_std = normalize_with_stats(x3, mean, var, gamma, beta, eps, backend)
+    if not keep_cache:
+        return _output(y3, x), None
+    cache = BatchNormCache(
+        mean=np.array(mean, dtype=np.float64),
+        var=np.array(var, dtype=np.float64),
+        count=x3.shape[0] * x3.shape[2],
+        training=False,
+        x3=x3,
+        center=center,
+        inv_std=inv_std,
+        gamma=None if gamma is None else gamma.astype(x3.dtype),
+        gamma_dtype=None if gamma is None else gamma.dtype,
+        beta_dtype=None if beta is None else beta.dtype,
+        shape=x.shape,
+        dtype=x.dtype,
+        axis=axis,
+        eps=eps,
+        backend=backend,
+        reducer=LOCAL,
+    )
+    return _output(y3, x), cache
+
+
+def backward(dy: np.ndarray, cache: BatchNormCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The backward of every layer and kernel, on a checked `dy`: ``(dx, dgamma, dbeta)`` with
+    ``dx`` in the input's dtype and the parameter gradients in float64 (this process's share
+    for a reducer that communicates; ``dx`` uses the sums over all processes)."""
+    x3 = cache.x3
+    dy3 = as_3d(dy, cache.axis, x3.dtype)
+    reducer = cache.reducer
+    be = cache.backend
+    fused = None
+    if reducer.local:
+        fused = be.backward(
+            dy3, x3, cache.center, cache.mean, cache.inv_std, cache.gamma, cache.count,
+            cache.training,
+        )
+    if fused is None:
+        sums = be.grad_sums(dy3, x3, cache.center)
+        dgamma, dbeta = param_grads(cache, *sums)
+        if cache.training and not reducer.local:
+            # dx needs the sums over the whole batch; dgamma/dbeta stay this process's share.
+            dx3 = input_grad(cache, dy3, *param_grads(cache, *reducer.grad_sums(*sums)))
+        else:
+            dx3 = input_grad(cache, dy3, dgamma, dbeta)
+    else:
+        dx3, dgamma, dbeta = fused
+    dx = dx3.reshape(cache.shape)
+    return (dx if dx.dtype is cache.dtype else dx.astype(cache.dtype)), dgamma, dbeta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +342,7 @@ def batch_norm_train(
     axis: int = 1,
     eps: float = 1e-5,
     backend: str | Backend | None = None,
+    reducer: Reducer | None = None,
 ) -> tuple[np.ndarray, BatchNormCache]:
     """Batch normalization with the statistics of the batch itself.
 
@@ -284,6 +358,8 @@ def batch_norm_train(
         Added to the variance.
     backend : {"auto", "numpy", "numba"} or None
         See :func:`batchnorm.backends.get_backend`.
+    reducer : Reducer or None
+        Where the statistics are combined (see :mod:`batchnorm.reducers`); None: this batch.
 
     Returns
     -------
@@ -300,20 +376,15 @@ def batch_norm_train(
         For fewer than 2 dims, an axis out of range, `gamma`/`beta` of the wrong size, or an
         empty batch.
     """
-    x, ax = check_input(x, axis)
-    eps = _check_eps(eps)
-    c = x.shape[ax]
-    gamma = None if gamma is None else check_vector(gamma, "gamma", c, x.shape, ax)
-    beta = None if beta is None else check_vector(beta, "beta", c, x.shape, ax)
-    count = x.size // c if c else 0
-    if count == 0:
-        raise ValueError(f"expected at least one value per feature, got x of shape {x.shape}")
-    be = get_backend(backend)
-    x3 = as_3d(x, ax, compute_dtype(x.dtype))
-    mean, var = be.moments(x3)
-    y3, center, inv_std = normalize_with_stats(x3, mean, var, gamma, beta, eps, be)
-    cache = make_cache(x, x3, ax, mean, var, count, True, center, inv_std, gamma, beta, eps, be)
-    return y3.reshape(x.shape).astype(x.dtype, copy=False), cache
+    reducer = LOCAL if reducer is None else reducer
+    with reducer.guard("forward"):
+        x, ax = check_input(x, axis)
+        eps = check_eps(eps)
+        c = x.shape[ax]
+        gamma = None if gamma is None else check_vector(gamma, "gamma", c, x.shape, ax)
+        beta = None if beta is None else check_vector(beta, "beta", c, x.shape, ax)
+        be = get_backend(backend)
+    return train_forward(x, ax, gamma, beta, eps, be, reducer)
 
 
 @overload
@@ -362,21 +433,15 @@ def batch_norm_inference(
         As in :func:`batch_norm_train`; also for `mean`/`var` of the wrong size.
     """
     x, ax = check_input(x, axis)
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     c = x.shape[ax]
     gamma = None if gamma is None else check_vector(gamma, "gamma", c, x.shape, ax)
     beta = None if beta is None else check_vector(beta, "beta", c, x.shape, ax)
     mean = check_vector(mean, "mean", c, x.shape, ax)
     var = check_vector(var, "var", c, x.shape, ax)
     be = get_backend(backend)
-    x3 = as_3d(x, ax, compute_dtype(x.dtype))
-    y3, center, inv_std = normalize_with_stats(x3, mean, var, gamma, beta, eps, be)
-    y = y3.reshape(x.shape).astype(x.dtype, copy=False)
-    if not return_cache:
-        return y
-    count = x.size // c if c else 0
-    cache = make_cache(x, x3, ax, mean, var, count, False, center, inv_std, gamma, beta, eps, be)
-    return y, cache
+    y, cache = inference_forward(x, ax, gamma, beta, mean, var, eps, be, keep_cache=return_cache)
+    return (y, cache) if return_cache else y
 
 
 def batch_norm_backward(
@@ -403,20 +468,13 @@ def batch_norm_backward(
     ValueError
         When `dy` has another shape than the forward input.
     TypeError
-        For a non-float `dy`.
+        For a non-float `dy`, or a `cache` that is not a BatchNormCache.
     """
-    dy = np.asarray(dy)
     if not isinstance(cache, BatchNormCache):
         raise TypeError(f"expected a BatchNormCache from a forward call, got {type(cache)}")
-    if dy.shape != cache.shape:
-        raise ValueError(
-            f"expected dy of shape {cache.shape} (the forward input's), got {dy.shape}"
-        )
-    compute_dtype(dy.dtype, "dy")
-    dy3 = as_3d(dy, cache.axis, cache.x3.dtype)
-    dgamma, dbeta = param_grads(cache, *cache.backend.grad_sums(dy3, cache.x3, cache.center))
-    dx3 = input_grad(cache, dy3, dgamma, dbeta)
-    dx = dx3.reshape(cache.shape).astype(cache.dtype, copy=False)
+    with cache.reducer.guard("backward"):
+        dy = check_dy(dy, cache.shape)
+    dx, dgamma, dbeta = backward(dy, cache)
     dg = None if cache.gamma_dtype is None else dgamma.astype(cache.gamma_dtype)
     db = None if cache.beta_dtype is None else dbeta.astype(cache.beta_dtype)
     return dx, dg, db
@@ -433,6 +491,7 @@ def update_running_stats(
     momentum: float | None,
     num_batches_tracked: int,
     unbiased: bool = False,
+    backend: Backend | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """New running statistics after one training batch (the inputs are not modified).
 
@@ -455,19 +514,37 @@ def update_running_stats(
     unbiased : bool, default False
         Store ``var * count / (count - 1)`` (what PyTorch and Chainer store) instead of the
         biased batch variance.
+    backend : Backend or None
+        A backend whose fused ``running_update`` computes the same values in one call.
 
     Returns
     -------
     new_mean, new_var : ndarray of shape (C,), in the dtype of the running statistics.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a momentum that is not None or a float in [0, 1].
     """
-    var = np.asarray(var, dtype=np.float64)
-    if unbiased:
-        var = var * count / max(count - 1, 1)
     if momentum is None:
         w_new = 1.0 / max(num_batches_tracked, 1)
     else:
-        w_new = 1.0 - momentum
+        w_new = 1.0 - check_momentum(momentum, allow_none=False)
+    if backend is not None:
+        fused = backend.running_update(
+            running_mean, running_var, mean, var, count, w_new, unbiased
+        )
+        if fused is not None:
+            return fused
     w_old = 1.0 - w_new
-    new_mean = w_old * running_mean.astype(np.float64) + w_new * np.asarray(mean, np.float64)
-    new_var = w_old * running_var.astype(np.float64) + w_new * var
+    mean = np.asarray(mean, dtype=np.float64)
+    var = np.asarray(var, dtype=np.float64)
+    if unbiased:
+        var = var * count / max(count - 1, 1)
+    new_mean = running_mean.astype(np.float64)
+    new_mean *= w_old
+    new_mean += w_new * mean
+    new_var = running_var.astype(np.float64)
+    new_var *= w_old
+    new_var += w_new * var
     return new_mean.astype(running_mean.dtype), new_var.astype(running_var.dtype)

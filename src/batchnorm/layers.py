@@ -17,28 +17,46 @@ import numpy as np
 
 from . import functional as F
 from .backends import Backend, get_backend
+from .checks import (
+    check_bool,
+    check_dy,
+    check_eps,
+    check_input,
+    check_int,
+    check_momentum,
+    check_state_vector,
+    compute_dtype,
+)
+from .reducers import LOCAL, Reducer, all_finite, nonfinite_error
 
 __all__ = ["BatchNorm", "BatchNormalization", "load"]
 
-_STATE_KEYS = ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked")
+
+def _float_vector(v, name: str, size: int) -> np.ndarray:
+    """A running statistic given to the book layer: a float array of `size` finite values."""
+    v = np.asarray(v)
+    if v.dtype.type not in (np.float16, np.float32, np.float64):
+        raise TypeError(
+            f"expected {name} of dtype float16, float32 or float64, got {v.dtype} (an integer "
+            "array would truncate the running averages)"
+        )
+    if v.size != size:
+        raise ValueError(f"expected {name} with {size} values (gamma's size), got {v.shape}")
+    if not np.isfinite(v).all():
+        raise ValueError(f"expected finite {name}, got {v.ravel()[~np.isfinite(v.ravel())][:4]}")
+    if name == "running_var" and (v < 0).any():
+        raise ValueError(f"expected running_var >= 0, got min {v.min()}")
+    return v
 
 
-def _nonfinite_error(mean: np.ndarray, var: np.ndarray, shape: tuple[int, ...]) -> ValueError:
-    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
-    shown = ", ".join(str(i) for i in bad[:8]) + (", ..." if bad.size > 8 else "")
-    return ValueError(
-        f"expected finite values in the training batch, got NaN or Inf in {bad.size} "
-        f"feature(s) [{shown}] of x with shape {shape}; nothing was updated"
-    )
-
-
-def _check_state_vector(v, name: str, size: int, what: str) -> None:
-    """`v` must be a float ndarray of shape ``(size,)``: the layer's own arrays are public and
-    could have been replaced, and a fast kernel trusts their length."""
-    if not isinstance(v, np.ndarray) or v.shape != (size,):
-        got = f"shape {v.shape}" if isinstance(v, np.ndarray) else type(v).__name__
-        raise ValueError(f"expected {name} of shape ({size},) ({what}), got {got}")
-    F.compute_dtype(v.dtype, name)
+def _check_writeable(layer, names: tuple[str, ...]) -> None:
+    """The arrays a training step writes must be writeable, checked before anything changes."""
+    for name in names:
+        if not getattr(layer, name).flags.writeable:
+            raise ValueError(
+                f"expected a writeable {name} (a training step updates it in place), got a "
+                "read-only array; nothing was updated"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,25 +105,23 @@ class BatchNormalization:
     ) -> None:
         gamma = gamma if isinstance(gamma, np.ndarray) else np.asarray(gamma, dtype=np.float64)
         beta = beta if isinstance(beta, np.ndarray) else np.asarray(beta, dtype=np.float64)
-        F.compute_dtype(gamma.dtype, "gamma")
-        F.compute_dtype(beta.dtype, "beta")
+        compute_dtype(gamma.dtype, "gamma")
+        compute_dtype(beta.dtype, "beta")
         if gamma.size != beta.size:
             raise ValueError(
                 f"expected gamma and beta of the same size, got {gamma.shape} and {beta.shape}"
             )
-        _check_momentum(momentum, allow_none=False)
+        self.momentum = check_momentum(momentum, allow_none=False)
+        self.eps = check_eps(eps)
+        size = gamma.size
+        if running_mean is not None:
+            running_mean = _float_vector(running_mean, "running_mean", size)
+        if running_var is not None:
+            running_var = _float_vector(running_var, "running_var", size)
         self.gamma = gamma
         self.beta = beta
-        self.momentum = float(momentum)
-        self.eps = F._check_eps(eps)
-        self.running_mean = None if running_mean is None else np.asarray(running_mean)
-        self.running_var = None if running_var is None else np.asarray(running_var)
-        for name in ("running_mean", "running_var"):
-            v = getattr(self, name)
-            if v is not None and v.size != gamma.size:
-                raise ValueError(
-                    f"expected {name} with {gamma.size} values (gamma's size), got {v.shape}"
-                )
+        self.running_mean = running_mean
+        self.running_var = running_var
         self.backend = get_backend(backend)
         self.dgamma: np.ndarray | None = None
         self.dbeta: np.ndarray | None = None
@@ -113,8 +129,9 @@ class BatchNormalization:
 
     def _layout(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """``x`` (reshaped for the per-activation mode) and its feature axis."""
-        x = np.asarray(x)
-        F.compute_dtype(x.dtype)
+        if type(x) is not np.ndarray:
+            x = np.asarray(x)
+        compute_dtype(x.dtype)
         size = self.gamma.size
         if self.beta.size != size:
             raise ValueError(
@@ -122,10 +139,13 @@ class BatchNormalization:
             )
         for name in ("running_mean", "running_var"):
             v = getattr(self, name)
-            if v is not None and v.size != size:
-                raise ValueError(
-                    f"expected {name} with {size} values (gamma's size), got shape {v.shape}"
-                )
+            if v is not None:
+                if not isinstance(v, np.ndarray) or v.size != size:
+                    got = f"shape {v.shape}" if isinstance(v, np.ndarray) else type(v).__name__
+                    raise ValueError(
+                        f"expected {name} with {size} values (gamma's size), got {got}"
+                    )
+                compute_dtype(v.dtype, name)
         if x.ndim == 2:
             if x.shape[1] != size:
                 raise ValueError(
@@ -167,11 +187,11 @@ class BatchNormalization:
         rmean = np.zeros(size, dtype) if self.running_mean is None else self.running_mean
         rvar = np.ones(size, dtype) if self.running_var is None else self.running_var
         if train_flg:
-            out, cache = F.batch_norm_train(
-                x2, gamma, beta, axis=axis, eps=self.eps, backend=self.backend
-            )
-            if not (np.isfinite(cache.mean).all() and np.isfinite(cache.var).all()):
-                raise _nonfinite_error(cache.mean, cache.var, np.shape(x))
+            if self.running_mean is not None and self.running_var is not None:
+                _check_writeable(self, ("running_mean", "running_var"))
+            out, cache = F.train_forward(x2, axis, gamma, beta, self.eps, self.backend)
+            if not all_finite(cache.mean, cache.var):
+                raise nonfinite_error(cache.mean, cache.var, np.shape(x))
             if cache.count == 1:
                 warnings.warn(
                     f"training batch of shape {np.shape(x)} has one value per feature: its "
@@ -181,12 +201,13 @@ class BatchNormalization:
                 )
             new_mean, new_var = F.update_running_stats(
                 rmean.reshape(size), rvar.reshape(size), cache.mean, cache.var, cache.count,
-                momentum=self.momentum, num_batches_tracked=1,
+                momentum=self.momentum, num_batches_tracked=1, backend=self.backend,
             )
+            _check_fits(new_mean, new_var, rmean.dtype)
         else:
-            out, cache = F.batch_norm_inference(
-                x2, gamma, beta, rmean.reshape(size), rvar.reshape(size),
-                axis=axis, eps=self.eps, backend=self.backend, return_cache=True,
+            out, cache = F.inference_forward(
+                x2, axis, gamma, beta, rmean.reshape(size), rvar.reshape(size), self.eps,
+                self.backend,
             )
         # Nothing above changed the layer; now commit.
         self.running_mean, self.running_var = rmean, rvar
@@ -195,7 +216,7 @@ class BatchNormalization:
             np.copyto(rvar, new_var.reshape(rvar.shape))
         self._cache = cache
         self._input_shape = np.shape(x)
-        return out.reshape(np.shape(x))
+        return out.reshape(self._input_shape)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         """Gradient with respect to the last forward's input; sets `dgamma` and `dbeta`.
@@ -210,15 +231,10 @@ class BatchNormalization:
         """
         if self._cache is None:
             raise RuntimeError("backward called before forward: expected a forward call first")
-        dout = np.asarray(dout)
-        if dout.shape != self._input_shape:
-            raise ValueError(
-                f"expected dout of shape {self._input_shape} (the forward input's), "
-                f"got {dout.shape}"
-            )
-        dx, dgamma, dbeta = F.batch_norm_backward(dout.reshape(self._cache.shape), self._cache)
-        self.dgamma = dgamma.reshape(self.gamma.shape)
-        self.dbeta = dbeta.reshape(self.beta.shape)
+        dout = check_dy(dout, self._input_shape, "dout")
+        dx, dgamma, dbeta = F.backward(dout.reshape(self._cache.shape), self._cache)
+        self.dgamma = dgamma.astype(self.gamma.dtype).reshape(self.gamma.shape)
+        self.dbeta = dbeta.astype(self.beta.dtype).reshape(self.beta.shape)
         return dx.reshape(self._input_shape)
 
     def __repr__(self) -> str:
@@ -232,13 +248,16 @@ class BatchNormalization:
 # the modern layer
 
 
-def _check_momentum(momentum, allow_none: bool = True) -> None:
-    if momentum is None and allow_none:
-        return
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating)):
-        raise TypeError(f"expected momentum to be a float in [0, 1], got {momentum!r}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"expected momentum in [0, 1], got {momentum}")
+def _check_fits(new_mean: np.ndarray, new_var: np.ndarray, dtype: np.dtype) -> None:
+    """New running statistics must be finite in the running statistics' dtype: a step that
+    would overflow them (float16, or float32 for data near 1e20) raises and changes nothing."""
+    if not all_finite(new_mean, new_var):
+        raise ValueError(
+            f"expected new running statistics that fit {np.dtype(dtype).name}, got a running "
+            f"mean or variance that overflows it (batch variance up to "
+            f"{float(np.max(new_var[np.isfinite(new_var)], initial=0)):.3g} where finite); "
+            "use a wider dtype for the layer; nothing was updated"
+        )
 
 
 class _NormBase:
@@ -256,26 +275,25 @@ class _NormBase:
         unbiased: bool = False,
         dtype: Any = np.float32,
         backend: str | Backend | None = None,
+        reducer: Reducer | None = None,
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
-            raise TypeError(f"expected num_features to be an int, got {num_features!r}")
-        if num_features < 1:
-            raise ValueError(f"expected num_features >= 1, got {num_features}")
+        self.num_features = check_int(num_features, "num_features", 1)
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"expected axis to be an int, got {axis!r}")
-        _check_momentum(momentum)
-        dtype = np.dtype(dtype)
-        F.compute_dtype(dtype, "dtype")
-        self.num_features = int(num_features)
         self.axis = int(axis)
-        self.eps = F._check_eps(eps)
-        self.momentum = None if momentum is None else float(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self.unbiased = bool(unbiased)
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum)
+        self.affine = check_bool(affine, "affine")
+        self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
+        self.unbiased = check_bool(unbiased, "unbiased")
+        dtype = np.dtype(dtype)
+        compute_dtype(dtype, "dtype")
         self.dtype = dtype
         self.backend = get_backend(backend)
+        self.reducer = LOCAL if reducer is None else reducer
         self.training = True
+        self.frozen = False
+        self.trainable_affine = True
         c = self.num_features
         self.gamma = np.ones(c, dtype) if self.affine else None
         self.beta = np.zeros(c, dtype) if self.affine else None
@@ -300,16 +318,50 @@ class _NormBase:
         """Inference mode (running statistics). Returns self."""
         return self.train(False)
 
+    def freeze(self, trainable_affine: bool = False):
+        """Freeze the layer for fine-tuning (torchvision's ``FrozenBatchNorm2d``). Returns self.
+
+        A frozen layer normalises with its running statistics in training mode too and never
+        updates them; its backward is the gradient of that fixed transform. ``gamma`` and
+        ``beta`` leave :attr:`params` (so optimisers stop updating them) unless
+        `trainable_affine`. The frozen state is saved with the layer.
+
+        Raises
+        ------
+        ValueError
+            For a layer without running statistics (``track_running_stats=False``).
+        """
+        trainable_affine = check_bool(trainable_affine, "trainable_affine")
+        if not self.track_running_stats:
+            raise ValueError(
+                "expected a layer with running statistics to freeze, got "
+                "track_running_stats=False"
+            )
+        self.frozen = True
+        self.trainable_affine = trainable_affine
+        return self
+
+    def unfreeze(self):
+        """Undo :meth:`freeze`: batch statistics in training mode again. Returns self."""
+        self.frozen = False
+        self.trainable_affine = True
+        return self
+
     # parameters ------------------------------------------------------------------------------
     @property
     def params(self) -> dict[str, np.ndarray]:
-        """The learnable arrays by name, for optimisers that update them in place."""
-        return {"gamma": self.gamma, "beta": self.beta} if self.affine else {}
+        """The learnable arrays by name, for optimisers that update them in place (none for a
+        layer without affine, or frozen without ``trainable_affine``)."""
+        if not self.affine or (self.frozen and not self.trainable_affine):
+            return {}
+        return {"gamma": self.gamma, "beta": self.beta}
 
     @property
     def grads(self) -> dict[str, np.ndarray | None]:
         """Gradients from the last backward, keyed as `params`."""
-        return {"gamma": self.dgamma, "beta": self.dbeta} if self.affine else {}
+        if not self.affine or (self.frozen and not self.trainable_affine):
+            return {}
+        return {"gamma": self.dgamma, "beta": self.dbeta}
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, no batches tracked."""
@@ -481,39 +533,22 @@ class BatchNorm(_NormBase):
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)
 
-    # hooks for subclasses that reduce across processes ----------------------------------------
-    def _validate(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        x, ax = F.check_input(x, self.axis)
-        if x.shape[ax] != self.num_features:
-            raise ValueError(
-                f"expected x.shape[{self.axis}] == num_features == {self.num_features}, "
-                f"got x of shape {x.shape}"
-            )
-        self._check_vectors()
-        return x, ax
-
-    def _check_vectors(self) -> None:
-        """The public arrays (which a user may have replaced) still fit `num_features`."""
+    def _check_input(self, x) -> tuple[np.ndarray, int]:
+        """`x` and its feature axis; the public arrays (which a user may have replaced) still
+        fit `num_features`."""
+        x, ax = check_input(x, self.axis)
         c = self.num_features
-        names = ("gamma", "beta") if self.affine else ()
+        if x.shape[ax] != c:
+            raise ValueError(
+                f"expected x.shape[{self.axis}] == num_features == {c}, got x of shape {x.shape}"
+            )
+        if self.affine:
+            check_state_vector(self.gamma, "gamma", c, "num_features")
+            check_state_vector(self.beta, "beta", c, "num_features")
         if self.track_running_stats:
-            names += ("running_mean", "running_var")
-        for name in names:
-            _check_state_vector(getattr(self, name), name, c, "num_features")
-
-    def _batch_stats(self, x3: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-        """Count, mean and biased variance per feature of the batch."""
-        count = x3.shape[0] * x3.shape[2]
-        if count == 0:  # forward raises, naming x's shape
-            nan = np.full(self.num_features, np.nan)
-            return 0, nan, nan
-        mean, var = self.backend.moments(x3)
-        return count, mean, var
-
-    def _reduce_grad_sums(
-        self, sum_dy: np.ndarray, sum_dy_xc: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return sum_dy, sum_dy_xc
+            check_state_vector(self.running_mean, "running_mean", c, "num_features")
+            check_state_vector(self.running_var, "running_var", c, "num_features")
+        return x, ax
 
     # forward / backward ----------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -533,50 +568,46 @@ class BatchNorm(_NormBase):
             For a non-float `x`.
         ValueError
             For fewer than 2 dims, an axis out of range, a feature-size mismatch, a training
-            batch with a single value per feature, or non-finite values in a training batch.
+            batch with a single value per feature, non-finite values in a training batch, new
+            running statistics that overflow the layer's dtype, or read-only running
+            statistics in training. Nothing changes when it raises.
         """
-        x, ax = self._validate(x)
-        x3 = F.as_3d(x, ax, F.compute_dtype(x.dtype))
-        use_batch = self.training or not self.track_running_stats
-        update = self.training and self.track_running_stats
-        if use_batch:
-            count, mean, var = self._batch_stats(x3)
-            if count <= 1 and self.training:
-                raise ValueError(
-                    f"expected more than 1 value per feature in training, got x of shape "
-                    f"{x.shape} ({count} value(s) per feature on axis {self.axis})"
-                )
-            if count == 0:
-                raise ValueError(f"expected a non-empty batch, got x of shape {x.shape}")
-            if self.training and not (np.isfinite(mean).all() and np.isfinite(var).all()):
-                raise _nonfinite_error(mean, var, x.shape)
+        training = self.training and not self.frozen
+        update = training and self.track_running_stats
+        reducer = self.reducer if training else LOCAL
+        with reducer.guard("forward"):
+            x, ax = self._check_input(x)
+            if update:
+                _check_writeable(self, ("running_mean", "running_var"))
+        if training or not self.track_running_stats:
+            y, cache = F.train_forward(
+                x, ax, self.gamma, self.beta, self.eps, self.backend, reducer,
+                min_count=2 if training else 1, check_finite=training, axis_label=self.axis,
+            )
         else:
-            mean, var = self.running_mean, self.running_var
-            count = x3.shape[0] * x3.shape[2]
-        y3, center, inv_std = F.normalize_with_stats(
-            x3, mean, var, self.gamma, self.beta, self.eps, self.backend
-        )
-        cache = F.make_cache(
-            x, x3, ax, mean, var, count, use_batch, center, inv_std,
-            self.gamma, self.beta, self.eps, self.backend,
-        )
+            y, cache = F.inference_forward(
+                x, ax, self.gamma, self.beta, self.running_mean, self.running_var, self.eps,
+                self.backend,
+            )
         if update:
             nbt = self.num_batches_tracked + 1
             new_mean, new_var = F.update_running_stats(
-                self.running_mean, self.running_var, mean, var, count,
+                self.running_mean, self.running_var, cache.mean, cache.var, cache.count,
                 momentum=self.momentum, num_batches_tracked=nbt, unbiased=self.unbiased,
+                backend=self.backend,
             )
+            _check_fits(new_mean, new_var, self.running_var.dtype)
             np.copyto(self.running_mean, new_mean)
             np.copyto(self.running_var, new_var)
             self.num_batches_tracked = nbt
         self._cache = cache
-        return y3.reshape(x.shape).astype(x.dtype, copy=False)
+        return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """Gradient with respect to the last forward's input; sets `dgamma` and `dbeta`.
 
-        After an eval-mode forward (running statistics) this is the gradient of the fixed
-        inference transform, as autograd gives for a frozen PyTorch layer.
+        After an eval-mode (or frozen) forward this is the gradient of the fixed inference
+        transform, as autograd gives for a frozen PyTorch layer.
 
         Parameters
         ----------
@@ -589,21 +620,11 @@ class BatchNorm(_NormBase):
         cache = self._cache
         if cache is None:
             raise RuntimeError("backward called before forward: expected a forward call first")
-        dy = np.asarray(dy)
-        if dy.shape != cache.shape:
-            raise ValueError(
-                f"expected dy of shape {cache.shape} (the forward input's), got {dy.shape}"
-            )
-        F.compute_dtype(dy.dtype, "dy")
-        dy3 = F.as_3d(dy, cache.axis, cache.x3.dtype)
-        sums = self.backend.grad_sums(dy3, cache.x3, cache.center)
-        dgamma, dbeta = F.param_grads(cache, *sums)
-        if cache.training:
-            # dx needs the sums over the whole batch; dgamma/dbeta stay this process's share.
-            dx3 = F.input_grad(cache, dy3, *F.param_grads(cache, *self._reduce_grad_sums(*sums)))
-        else:
-            dx3 = F.input_grad(cache, dy3, dgamma, dbeta)
+        with cache.reducer.guard("backward"):
+            dy = check_dy(dy, cache.shape)
+        dx, dgamma, dbeta = F.backward(dy, cache)
         if self.affine:
-            self.dgamma = dgamma.astype(self.dtype)
-            self.dbeta = dbeta.astype(self.dtype)
-        return dx3.reshape(cache.shape).astype(cache.dtype, copy=False)
+            dt = self.dtype
+            self.dgamma = dgamma if dgamma.dtype is dt else dgamma.astype(dt)
+            self.dbeta = dbeta if dbeta.dtype is dt else dbeta.astype(dt)
+        return dx
