@@ -22,6 +22,7 @@ Examples
 
 from .builders import cnn, init_std, mlp
 from .deploy import fold_batchnorm, recompute_batchnorm_stats
+from .freeze import batchnorm_layers, freeze_batchnorm, unfreeze_batchnorm
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Sigmoid, col2im, im2col
 from .losses import SoftmaxCrossEntropy, softmax
 from .optim import SGD, Adam, Momentum, Optimizer
@@ -41,12 +42,15 @@ __all__ = [
     "Sequential",
     "Sigmoid",
     "SoftmaxCrossEntropy",
+    "batchnorm_layers",
     "cnn",
     "col2im",
     "fold_batchnorm",
+    "freeze_batchnorm",
     "im2col",
     "init_std",
     "mlp",
     "recompute_batchnorm_stats",
     "softmax",
+    "unfreeze_batchnorm",
 ]
