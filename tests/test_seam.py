@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_same_state, numerical_grad, rel_error, snapshot
 
 import batchnorm as bn
 from batchnorm import functional as F
 from batchnorm.backends import Backend, get_backend
 from batchnorm.reducers import LOCAL, LocalReducer
+from helpers import assert_same_state, numerical_grad, rel_error, snapshot
 
 # ---------------------------------------------------------------------------------------------
 # a reducer plugged into BatchNorm: two "processes" in one, through the seam alone
@@ -47,7 +47,10 @@ def test_a_reducer_alone_turns_batchnorm_into_a_two_process_layer(backend, shape
     dx_full = full.backward(np.concatenate([dy, dy_other]))
 
     ax = axis % len(shape)
-    as3 = (lambda a: F.as_3d(a, ax, a.dtype))
+
+    def as3(a):
+        return F.as_3d(a, ax, a.dtype)
+
     reducer = _PairReducer(as3(other), as3(dy_other))
     half = bn.BatchNorm(shape[axis], axis=axis, dtype=np.float64, backend=backend,
                         reducer=reducer)
