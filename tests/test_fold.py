@@ -330,3 +330,11 @@ def test_group_norm_is_kept_even_when_strict():
     assert [type(la) for la in fold_model(model, strict=True).layers] == [
         Conv2d, GroupNorm, ReLU, Conv2d]
     assert [type(la) for la in folded.layers] == [Conv2d, GroupNorm, ReLU, Conv2d]
+
+
+def test_frozen_batch_norm_folds():
+    model = mlp(5, 2, hidden=(4,), batchnorm=True)
+    _bn = [la for la in model.layers if isinstance(la, BatchNorm)][0]
+    _bn.freeze(trainable_affine=True)
+    x = np.random.default_rng(16).standard_normal((3, 5))
+    _check_folded(model, x, np.float64, n_bn_left=0)

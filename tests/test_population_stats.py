@@ -262,6 +262,17 @@ def test_a_single_layer_as_the_model():
     assert bn.training
 
 
+def test_frozen_layers_keep_their_statistics():
+    model = mlp(4, 2, hidden=(3, 3), batchnorm=True)
+    first, second = _bn_layers(model)
+    first.running_var[:] = [2.0, 3.0, 4.0]
+    first.freeze()
+    before = snapshot(first)
+    recompute_batchnorm_stats(model, _batches(np.random.default_rng(12), [5, 6], (4,)))
+    assert_same_state(before, first)
+    assert second.num_batches_tracked == 2 and first.frozen
+
+
 def test_layers_without_running_stats_are_left_alone():
     model = Sequential([Linear(3, 3), BatchNorm(3, track_running_stats=False),
                         BatchNorm(3, dtype=np.float64)])

@@ -19,8 +19,8 @@ from .layers import Conv2d, Linear
 __all__ = ["fold_batchnorm", "recompute_batchnorm_stats"]
 
 # Attributes whose values a copy of a model must share with the original rather than copy: the
-# compute backend (compiled kernels) and the MPI communicator of SyncBatchNorm.
-_SHARED_ATTRS = ("backend", "comm")
+# compute backend (compiled kernels), and the reducer and MPI communicator of SyncBatchNorm.
+_SHARED_ATTRS = ("backend", "comm", "reducer")
 
 
 def _walkable(obj: Any) -> bool:
@@ -208,8 +208,9 @@ def recompute_batchnorm_stats(
     ----------
     model : Sequential, a layer, or an object holding layers
         Walked recursively (attributes, lists, tuples, dicts) for :class:`~batchnorm.BatchNorm`
-        and ``SyncBatchNorm`` layers; those with ``track_running_stats=False`` have no running
-        statistics and are left alone.
+        and ``SyncBatchNorm`` layers. Those with ``track_running_stats=False`` have no running
+        statistics, and frozen ones (:meth:`~batchnorm.BatchNorm.freeze`) normalise with their
+        running statistics in training mode too and keep them: both are left alone.
     batches : iterable
         Input arrays, or ``(x, y, ...)`` tuples or lists, of which ``x`` is taken (a data
         loader that yields inputs and labels works as is). Read once, in order.
@@ -297,8 +298,10 @@ def recompute_batchnorm_stats(
         _forward(work, x)
         for k, bn in enumerate(work_layers):
             cache = bn._cache
-            if cache is None or not bn.track_running_stats:
-                continue  # the layer did not run on this batch, or keeps no statistics
+            if cache is None or not cache.training or not bn.track_running_stats:
+                # The layer did not run on this batch, normalised with its running statistics
+                # (frozen), or keeps no statistics.
+                continue
             n = int(cache.count)
             total[k] += n
             sum_mean[k] += n * np.asarray(cache.mean, dtype=np.float64)
