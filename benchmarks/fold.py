@@ -11,9 +11,9 @@ order, so that a slow spell of a shared machine hits both; the table shows the m
 forward over the rounds, the median of the per-round ratios folded/unfolded, and the largest
 difference between the two models' outputs.
 
-Usage, from the repository root: ``python benchmarks/fold.py [--rounds 201] [--dtype float32]
-[--backend numba] [--blas-threads 2]`` (with the library installed or ``src`` on
-``PYTHONPATH``).
+Usage, from the repository root: ``.venv/bin/python benchmarks/fold.py [--rounds 201]
+[--dtype float32] [--backend numba] [--blas-threads 2]`` (with the library installed or
+``src`` on ``PYTHONPATH``).
 """
 
 from __future__ import annotations

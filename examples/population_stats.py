@@ -11,7 +11,7 @@ with the running averages the layers kept during training, and after recomputing
 statistics from one pass over the training set in batches of 100 (the training batch size).
 
 Usage, from the repository root (needs scikit-learn, as the demo does):
-``python examples/population_stats.py``
+``.venv/bin/python examples/population_stats.py``
 """
 
 from __future__ import annotations
