@@ -23,7 +23,8 @@ from .groupnorm import (
     layer_norm,
     layer_norm_backward,
 )
-from .layers import BatchNorm, BatchNormalization, load
+from .io import LoadError, load
+from .layers import BatchNorm, BatchNormalization
 from .norm_layers import GroupNorm, LayerNorm
 from .second_order import batch_norm_double_backward
 
@@ -36,6 +37,7 @@ __all__ = [
     "GroupNorm",
     "GroupNormCache",
     "LayerNorm",
+    "LoadError",
     "SyncBatchNorm",
     "available_backends",
     "batch_norm_backward",

@@ -7,7 +7,6 @@ assigns its new state.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -27,9 +26,13 @@ from .checks import (
     check_state_vector,
     compute_dtype,
 )
+from .io import save_layer
 from .reducers import LOCAL, Reducer, all_finite, nonfinite_error
 
-__all__ = ["BatchNorm", "BatchNormalization", "load"]
+# num_batches_tracked is stored as int64.
+_MAX_BATCHES_TRACKED = 2**63 - 1
+
+__all__ = ["BatchNorm", "BatchNormalization"]
 
 
 def _float_vector(v, name: str, size: int) -> np.ndarray:
@@ -400,16 +403,35 @@ class _NormBase:
         out = {}
         for k in self._state_keys():
             v = getattr(self, k)
-            out[k] = np.array(v, dtype=np.int64) if k == "num_batches_tracked" else v.copy()
+            if k == "num_batches_tracked":
+                # The count saturates at the int64 maximum (after a loaded near-maximal count),
+                # so that every state can be saved and loaded again; 1/count is 0 either way.
+                out[k] = np.array(min(v, _MAX_BATCHES_TRACKED), dtype=np.int64)
+            else:
+                out[k] = v.copy()
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Copy `state` into the layer after checking every name, shape and dtype.
 
         Float arrays of any float dtype are cast to the layer's dtype; ``num_batches_tracked``
-        must be an integer scalar. Raises (KeyError, ValueError or TypeError) and changes
-        nothing when anything does not fit.
+        must be an integer scalar that fits int64, ``[0, 2**63 - 1]``.
+
+        Raises
+        ------
+        KeyError
+            For missing or unexpected names.
+        TypeError
+            For a non-float array or a non-integer ``num_batches_tracked``.
+        ValueError
+            For a wrong shape, values that are not finite in the layer's dtype, a negative
+            variance or ``num_batches_tracked`` out of range. Nothing is changed then.
         """
+        self._commit_state(self._check_state(state))
+
+    def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The new state, checked and cast, from `state` (see `load_state_dict`); changes
+        nothing."""
         expected = set(self._state_keys())
         got = set(state)
         if got != expected:
@@ -426,9 +448,12 @@ class _NormBase:
                         f"expected num_batches_tracked to be an integer scalar, "
                         f"got {v.dtype} of shape {v.shape}"
                     )
-                if v < 0:
-                    raise ValueError(f"expected num_batches_tracked >= 0, got {int(v)}")
-                new[k] = int(v)
+                n = int(v)
+                if not 0 <= n <= _MAX_BATCHES_TRACKED:
+                    raise ValueError(
+                        f"expected num_batches_tracked in [0, 2**63 - 1] (int64), got {n}"
+                    )
+                new[k] = n
                 continue
             if v.dtype.type not in (np.float16, np.float32, np.float64):
                 raise TypeError(f"expected {k} of a float dtype, got {v.dtype}")
@@ -444,6 +469,9 @@ class _NormBase:
             if k == "running_var" and (cast < 0).any():
                 raise ValueError(f"expected running_var >= 0, got min {v.min()}")
             new[k] = cast
+        return new
+
+    def _commit_state(self, new: dict[str, Any]) -> None:
         for k, v in new.items():
             if k == "num_batches_tracked":
                 self.num_batches_tracked = v
@@ -461,41 +489,24 @@ class _NormBase:
             "track_running_stats": self.track_running_stats,
             "unbiased": self.unbiased,
             "dtype": self.dtype.name,
+            "frozen": self.frozen,
+            "trainable_affine": self.trainable_affine,
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the configuration and state to an ``.npz`` file (no pickle)."""
-        arrays = self.state_dict()
-        arrays["config"] = np.array(json.dumps(self._config()))
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
+        """Write the configuration and state to `path`, atomically and without pickle.
 
+        ``*.safetensors`` writes a safetensors file (the ``io`` extra), any other name an
+        ``.npz`` archive; :func:`batchnorm.load` reads both. See :mod:`batchnorm.io`.
 
-def load(path: str | os.PathLike, *, backend: str | Backend | None = None) -> BatchNorm:
-    """Read a layer written by ``layer.save(path)``; the file is read with ``allow_pickle=False``.
-
-    Raises
-    ------
-    ValueError
-        When the file is not a saved layer or holds object arrays (which need pickle).
-    """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except ValueError as err:
-        raise ValueError(
-            f"{os.fspath(path)!r} is not a batchnorm layer file readable without pickle: {err}"
-        ) from err
-    if "config" not in arrays or arrays["config"].dtype.kind != "U":
-        raise ValueError(f"{os.fspath(path)!r} has no 'config' entry; expected a saved layer")
-    config = json.loads(str(arrays.pop("config")))
-    cls = config.pop("class", "BatchNorm")
-    if cls not in ("BatchNorm", "SyncBatchNorm"):
-        raise ValueError(f"expected a saved BatchNorm, got class {cls!r}")
-    num_features = config.pop("num_features")
-    layer = BatchNorm(num_features, backend=backend, **config)
-    layer.load_state_dict(arrays)
-    return layer
+        Raises
+        ------
+        OSError
+            When writing fails; a file already at `path` is then unchanged.
+        ImportError
+            For ``.safetensors`` without the ``safetensors`` package.
+        """
+        save_layer(self, path)
 
 
 class BatchNorm(_NormBase):

@@ -27,6 +27,7 @@ from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Sigmoid, co
 from .losses import SoftmaxCrossEntropy, softmax
 from .optim import SGD, Adam, Momentum, Optimizer
 from .sequential import Sequential
+from .torch_state import export_torch_state, load_torch_state
 
 __all__ = [
     "SGD",
@@ -45,10 +46,12 @@ __all__ = [
     "batchnorm_layers",
     "cnn",
     "col2im",
+    "export_torch_state",
     "fold_batchnorm",
     "freeze_batchnorm",
     "im2col",
     "init_std",
+    "load_torch_state",
     "mlp",
     "recompute_batchnorm_stats",
     "softmax",

@@ -49,6 +49,54 @@ class Layer:
         """Gradients from the last backward, keyed as `params`."""
         return {}
 
+    # state: the learnable arrays, so that a network saves and loads as a whole -------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the layer's ``params``."""
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy `state` into ``params`` after checking every name, shape and dtype.
+
+        Float arrays of any float dtype are cast to each parameter's dtype.
+
+        Raises
+        ------
+        KeyError
+            For missing or unexpected names.
+        TypeError
+            For a non-float array.
+        ValueError
+            For a wrong shape or values that are not finite in the parameter's dtype. Nothing
+            is changed then.
+        """
+        self._commit_state(self._check_state(state))
+
+    def _check_state(self, state: dict[str, Any]) -> dict[str, np.ndarray]:
+        params = self.params
+        if set(state) != set(params):
+            raise KeyError(
+                f"state_dict keys do not match: missing {sorted(set(params) - set(state))}, "
+                f"unexpected {sorted(set(state) - set(params))}"
+            )
+        new = {}
+        for k, p in params.items():
+            v = np.asarray(state[k])
+            if v.dtype.type not in (np.float16, np.float32, np.float64):
+                raise TypeError(f"expected {k} of a float dtype, got {v.dtype}")
+            if v.shape != p.shape:
+                raise ValueError(f"expected {k} of shape {p.shape}, got {v.shape}")
+            with np.errstate(over="ignore"):
+                cast = v.astype(p.dtype)
+            if not np.isfinite(cast).all():
+                raise ValueError(f"expected finite {k} that fits {p.dtype.name}")
+            new[k] = cast
+        return new
+
+    def _commit_state(self, new: dict[str, np.ndarray]) -> None:
+        params = self.params
+        for k, v in new.items():
+            np.copyto(params[k], v)
+
     def train(self, mode: bool = True) -> Layer:
         """Training mode. Returns self."""
         self.training = bool(mode)
