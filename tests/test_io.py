@@ -83,6 +83,19 @@ def test_layer_round_trip(tmp_path, rng, fmt, kw):
     np.testing.assert_array_equal(loaded.eval()(x), layer.eval()(x))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("trainable_affine", [False, True])
+def test_the_frozen_state_survives_save_and_load(tmp_path, rng, fmt, trainable_affine):
+    _need(fmt)
+    layer = _trained_layer(rng).freeze(trainable_affine=trainable_affine)
+    layer.save(tmp_path / f"bn.{fmt}")
+    loaded = bn.load(tmp_path / f"bn.{fmt}")
+    assert loaded.frozen and loaded.trainable_affine == trainable_affine
+    assert set(loaded.params) == set(layer.params)
+    layer.unfreeze().save(tmp_path / f"bn.{fmt}")
+    assert not bn.load(tmp_path / f"bn.{fmt}").frozen
+
+
 def test_format_is_chosen_by_suffix_and_read_by_content(tmp_path, rng):
     pytest.importorskip("safetensors")
     layer = _trained_layer(rng)
@@ -264,6 +277,16 @@ BAD_NPZ = {
             config=np.array(json.dumps(_config(affine="no")))), r))(p),
         r"expected affine to be true or false, got 'no'",
     ),
+    "bad-frozen": (
+        lambda p, r: _write_npz(_with(lambda a: a.update(
+            config=np.array(json.dumps(_config(frozen="yes")))), r))(p),
+        r"invalid configuration: expected frozen to be true or false",
+    ),
+    "bad-trainable-affine": (
+        lambda p, r: _write_npz(_with(lambda a: a.update(
+            config=np.array(json.dumps(_config(frozen=True, trainable_affine=1)))), r))(p),
+        r"invalid configuration: .*trainable_affine",
+    ),
     "bad-config-value": (
         lambda p, r: _write_npz(_with(lambda a: a.update(
             config=np.array(json.dumps(_config(eps="small")))), r))(p),
@@ -383,6 +406,21 @@ def test_load_refuses_bad_safetensors_files(tmp_path, rng, case):
     with pytest.raises(bn.LoadError, match=match) as info:
         bn.load(path)
     assert str(path) in str(info.value)
+
+
+def test_safetensors_header_lengths_that_look_like_pickle_bytes_load(tmp_path, rng):
+    # A header of 0x380 bytes starts with b"\x80\x03", the signature of a protocol-3 pickle.
+    st = pytest.importorskip("safetensors.numpy")
+    layer = _trained_layer(rng)
+    config = json.dumps(layer._config())
+    for extra in range(1024):
+        data = st.save(layer.state_dict(), metadata={"config": config, "pad": "x" * extra})
+        if data[0] == 0x80 and 2 <= data[1] <= 5:
+            break
+    else:  # pragma: no cover
+        pytest.fail("no padding gave a header length of 0x2NN to 0x5NN")
+    (tmp_path / "bn.safetensors").write_bytes(data)
+    np.testing.assert_array_equal(bn.load(tmp_path / "bn.safetensors").gamma, layer.gamma)
 
 
 def test_load_refuses_a_truncated_safetensors_file(tmp_path, rng):
