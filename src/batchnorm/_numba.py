@@ -102,7 +102,7 @@ def _rows_moments_part(x, shift, a0, a1, s1, s2):
     c_len = x.shape[1]
     a = a0
     # Eight rows per sweep: the partial sums are loaded and stored once per eight values
-    # (15-20 % faster than four rows on S3-S5; every value is still added in float64).
+    # (every value is still added in float64).
     while a + 8 <= a1:
         r0 = x[a]
         r1 = x[a + 1]
@@ -501,6 +501,14 @@ def _planes_grad_input_ser(dy, x, center, p, q, r, dx):
 
 
 @njit(cache=True)
+def _all_finite(mean, var):
+    for c in range(mean.shape[0]):
+        if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+            return False
+    return True
+
+
+@njit(cache=True)
 def _rows_train_ser(x, gamma, beta, eps, y, center, inv_std):
     mean, var = _rows_moments_ser(x)
     c_len = x.shape[1]
@@ -508,7 +516,7 @@ def _rows_train_ser(x, gamma, beta, eps, y, center, inv_std):
     shift = np.empty(c_len, x.dtype)
     _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
     _rows_affine_part(x, center, scale, shift, y, 0, x.shape[0])
-    return mean, var
+    return mean, var, _all_finite(mean, var)
 
 
 @njit(cache=True)
@@ -519,7 +527,7 @@ def _planes_train_ser(x, gamma, beta, eps, y, center, inv_std):
     shift = np.empty(c_len, x.dtype)
     _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
     _planes_affine_part(x, center, scale, shift, y, 0, x.shape[0] * x.shape[1])
-    return mean, var
+    return mean, var, _all_finite(mean, var)
 
 
 @njit(cache=True)
@@ -567,13 +575,15 @@ def _planes_backward_ser(dy, x, center, mean, inv_std, gamma, count, training, d
 
 @njit(cache=True)
 def _running_update(rm, rv, mean, var, count, w_new, unbiased, new_m, new_v):
-    """The float64 operations of ``functional.update_running_stats``, in its order."""
+    """The float64 operations of ``functional.update_running_stats``, in its order; True when
+    the new statistics are finite in their dtype."""
     w_old = 1.0 - w_new
     d = max(count - 1.0, 1.0)
     for c in range(mean.shape[0]):
         v = var[c] * count / d if unbiased else var[c]
         new_m[c] = np.float64(rm[c]) * w_old + w_new * mean[c]
         new_v[c] = np.float64(rv[c]) * w_old + w_new * v
+    return _all_finite(new_m, new_v)
 
 
 kernels = (
@@ -635,7 +645,7 @@ class NumbaBackend(Backend):
     Threads: ``numba.set_num_threads`` or the environment variable ``NUMBA_NUM_THREADS``.
     Outputs are allocated by NumPy, not inside the kernels: NumPy asks Linux for transparent
     huge pages on large arrays, which makes first-touching a fresh output several times
-    cheaper (64 MiB: 14 ms instead of 36 ms on the benchmark machine).
+    cheaper (benchmarks/README.md has the numbers).
     """
 
     name = "numba"
@@ -770,7 +780,7 @@ class NumbaBackend(Backend):
 
     def train_forward(
         self, x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool] | None:
         """``moments`` and ``normalize`` in one serial call, for small inputs (None for the
         others, and for float16 or non-array vectors)."""
         size = x3.size
@@ -789,13 +799,15 @@ class NumbaBackend(Backend):
         center = np.empty(c_len, dt)
         inv_std = np.empty(c_len)
         if b_len == 1:
-            mean, var = _rows_train_ser(
+            mean, var, finite = _rows_train_ser(
                 x3.reshape(a_len, c_len), gamma, beta, float(eps), y.reshape(a_len, c_len),
                 center, inv_std,
             )
         else:
-            mean, var = _planes_train_ser(x3, gamma, beta, float(eps), y, center, inv_std)
-        return y, mean, var, center, inv_std
+            mean, var, finite = _planes_train_ser(
+                x3, gamma, beta, float(eps), y, center, inv_std
+            )
+        return y, mean, var, center, inv_std, finite
 
     def backward(
         self,
@@ -839,7 +851,7 @@ class NumbaBackend(Backend):
         count: int,
         w_new: float,
         unbiased: bool,
-    ) -> tuple[np.ndarray, np.ndarray] | None:
+    ) -> tuple[np.ndarray, np.ndarray, bool] | None:
         """``functional.update_running_stats`` in one compiled call (float32/float64 running
         statistics and float64 batch statistics; None for the others)."""
         if not (
@@ -849,11 +861,11 @@ class NumbaBackend(Backend):
             return None
         new_m = np.empty_like(running_mean)
         new_v = np.empty_like(running_var)
-        _running_update(
+        finite = _running_update(
             running_mean, running_var, mean, var, float(count), float(w_new), bool(unbiased),
             new_m, new_v,
         )
-        return new_m, new_v
+        return new_m, new_v, finite
 
 
 _F64 = np.dtype(np.float64)

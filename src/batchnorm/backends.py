@@ -25,13 +25,15 @@ base class :class:`Backend` does:
 ``normalize(x3, mean, var, gamma, beta, eps) -> (y3, center, inv_std) | None``
     All of :func:`batchnorm.functional.normalize_with_stats` (per-feature coefficients and
     ``affine``), bit for bit as the generic code would.
-``train_forward(x3, gamma, beta, eps) -> (y3, mean, var, center, inv_std) | None``
-    ``moments`` followed by ``normalize``: the whole training forward of a local batch.
+``train_forward(x3, gamma, beta, eps) -> (y3, mean, var, center, inv_std, finite) | None``
+    ``moments`` followed by ``normalize``: the whole training forward of a local batch;
+    ``finite`` tells whether ``mean`` and ``var`` are all finite.
 ``backward(dy3, x3, center, mean, inv_std, gamma, count, training) -> (dx3, dgamma, dbeta) | None``
     ``grad_sums``, the parameter gradients (float64) and ``grad_input`` of a local batch.
 ``running_update(running_mean, running_var, mean, var, count, w_new, unbiased)``
-    ``-> (new_mean, new_var) | None``:
-    What :func:`batchnorm.functional.update_running_stats` computes, bit for bit.
+    ``-> (new_mean, new_var, finite) | None``:
+    What :func:`batchnorm.functional.update_running_stats` computes, bit for bit, and whether
+    the new statistics are finite in their dtype.
 
 ``center``, ``scale``, ``shift``, ``p``, ``q`` and ``r`` have length ``C`` and the dtype of ``x3``
 (float32 or float64; float16 never reaches a backend). Subtracting ``center`` before scaling keeps
@@ -95,7 +97,7 @@ class Backend:
 
     def train_forward(
         self, x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool] | None:
         return None
 
     def backward(
@@ -120,7 +122,7 @@ class Backend:
         count: int,
         w_new: float,
         unbiased: bool,
-    ) -> tuple[np.ndarray, np.ndarray] | None:
+    ) -> tuple[np.ndarray, np.ndarray, bool] | None:
         return None
 
     def __repr__(self) -> str:

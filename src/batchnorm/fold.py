@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .functional import normalize_axis
+from .checks import normalize_axis
 
 __all__ = ["fold_batchnorm"]
 

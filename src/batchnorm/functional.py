@@ -28,15 +28,7 @@ from typing import overload
 import numpy as np
 
 from .backends import Backend, get_backend
-from .checks import (
-    check_dy,
-    check_eps,
-    check_input,
-    check_momentum,
-    check_vector,
-    compute_dtype,
-    normalize_axis,
-)
+from .checks import check_dy, check_eps, check_input, check_momentum, check_vector, compute_dtype
 from .reducers import LOCAL, Reducer, all_finite, nonfinite_error
 
 __all__ = [
@@ -46,12 +38,10 @@ __all__ = [
     "batch_norm_inference",
     "batch_norm_train",
     "inference_forward",
+    "running_step",
     "train_forward",
     "update_running_stats",
 ]
-
-# Re-exported for callers that validate like the kernels do.
-_ = (compute_dtype, normalize_axis)
 
 # NaN and Inf propagate by design; the layers decide what to do with them.
 _quiet = np.errstate(invalid="ignore", over="ignore", divide="ignore")
@@ -129,7 +119,6 @@ def _count_error(count: int, min_count: int, shape: tuple[int, ...], axis) -> Va
 # the steps of the one orchestration
 
 
-@_quiet
 def normalize_with_stats(
     x3: np.ndarray,
     mean: np.ndarray,
@@ -147,6 +136,11 @@ def normalize_with_stats(
     fused = backend.normalize(x3, mean, var, gamma, beta, eps)
     if fused is not None:
         return fused
+    return _normalize_generic(x3, mean, var, gamma, beta, eps, backend)
+
+
+@_quiet
+def _normalize_generic(x3, mean, var, gamma, beta, eps, backend):
     dtype = x3.dtype
     mean = np.asarray(mean, dtype=np.float64)
     inv_std = np.sqrt(np.asarray(var, dtype=np.float64) + eps)
@@ -239,8 +233,8 @@ def train_forward(
             raise _count_error(count, min_count, x.shape, label)
         y3, center, inv_std = normalize_with_stats(x3, mean, var, gamma, beta, eps, backend)
     else:
-        y3, mean, var, center, inv_std = fused
-        if check_finite and not all_finite(mean, var):
+        y3, mean, var, center, inv_std, finite = fused
+        if check_finite and not finite:
             raise nonfinite_error(mean, var, x.shape)
     cache = BatchNormCache(
         mean=mean,
@@ -480,7 +474,6 @@ def batch_norm_backward(
     return dx, dg, db
 
 
-@_quiet
 def update_running_stats(
     running_mean: np.ndarray,
     running_var: np.ndarray,
@@ -491,7 +484,6 @@ def update_running_stats(
     momentum: float | None,
     num_batches_tracked: int,
     unbiased: bool = False,
-    backend: Backend | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """New running statistics after one training batch (the inputs are not modified).
 
@@ -514,8 +506,6 @@ def update_running_stats(
     unbiased : bool, default False
         Store ``var * count / (count - 1)`` (what PyTorch and Chainer store) instead of the
         biased batch variance.
-    backend : Backend or None
-        A backend whose fused ``running_update`` computes the same values in one call.
 
     Returns
     -------
@@ -526,6 +516,28 @@ def update_running_stats(
     TypeError, ValueError
         For a momentum that is not None or a float in [0, 1].
     """
+    new_mean, new_var, _ = running_step(
+        running_mean, running_var, mean, var, count, momentum=momentum,
+        num_batches_tracked=num_batches_tracked, unbiased=unbiased,
+    )
+    return new_mean, new_var
+
+
+def running_step(
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    count: int,
+    *,
+    momentum: float | None,
+    num_batches_tracked: int,
+    unbiased: bool = False,
+    backend: Backend | None = None,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """:func:`update_running_stats` for the layers: also whether the new statistics are
+    finite in their dtype, and a `backend` whose fused ``running_update`` computes the same
+    values in one call."""
     if momentum is None:
         w_new = 1.0 / max(num_batches_tracked, 1)
     else:
@@ -536,15 +548,18 @@ def update_running_stats(
         )
         if fused is not None:
             return fused
-    w_old = 1.0 - w_new
-    mean = np.asarray(mean, dtype=np.float64)
-    var = np.asarray(var, dtype=np.float64)
-    if unbiased:
-        var = var * count / max(count - 1, 1)
-    new_mean = running_mean.astype(np.float64)
-    new_mean *= w_old
-    new_mean += w_new * mean
-    new_var = running_var.astype(np.float64)
-    new_var *= w_old
-    new_var += w_new * var
-    return new_mean.astype(running_mean.dtype), new_var.astype(running_var.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        w_old = 1.0 - w_new
+        mean = np.asarray(mean, dtype=np.float64)
+        var = np.asarray(var, dtype=np.float64)
+        if unbiased:
+            var = var * count / max(count - 1, 1)
+        new_mean = running_mean.astype(np.float64)
+        new_mean *= w_old
+        new_mean += w_new * mean
+        new_var = running_var.astype(np.float64)
+        new_var *= w_old
+        new_var += w_new * var
+        new_mean = new_mean.astype(running_mean.dtype)
+        new_var = new_var.astype(running_var.dtype)
+    return new_mean, new_var, all_finite(new_mean, new_var)

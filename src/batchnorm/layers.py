@@ -27,7 +27,7 @@ from .checks import (
     compute_dtype,
 )
 from .io import save_layer
-from .reducers import LOCAL, Reducer, all_finite, nonfinite_error
+from .reducers import LOCAL, Reducer
 
 # num_batches_tracked is stored as int64.
 _MAX_BATCHES_TRACKED = 2**63 - 1
@@ -192,9 +192,9 @@ class BatchNormalization:
         if train_flg:
             if self.running_mean is not None and self.running_var is not None:
                 _check_writeable(self, ("running_mean", "running_var"))
-            out, cache = F.train_forward(x2, axis, gamma, beta, self.eps, self.backend)
-            if not all_finite(cache.mean, cache.var):
-                raise nonfinite_error(cache.mean, cache.var, np.shape(x))
+            out, cache = F.train_forward(
+                x2, axis, gamma, beta, self.eps, self.backend, check_finite=True
+            )
             if cache.count == 1:
                 warnings.warn(
                     f"training batch of shape {np.shape(x)} has one value per feature: its "
@@ -202,11 +202,12 @@ class BatchNormalization:
                     UserWarning,
                     stacklevel=2,
                 )
-            new_mean, new_var = F.update_running_stats(
+            new_mean, new_var, fits = F.running_step(
                 rmean.reshape(size), rvar.reshape(size), cache.mean, cache.var, cache.count,
                 momentum=self.momentum, num_batches_tracked=1, backend=self.backend,
             )
-            _check_fits(new_mean, new_var, rmean.dtype)
+            if not fits:
+                raise _overflow_error(new_var, rmean.dtype)
         else:
             out, cache = F.inference_forward(
                 x2, axis, gamma, beta, rmean.reshape(size), rvar.reshape(size), self.eps,
@@ -251,16 +252,16 @@ class BatchNormalization:
 # the modern layer
 
 
-def _check_fits(new_mean: np.ndarray, new_var: np.ndarray, dtype: np.dtype) -> None:
-    """New running statistics must be finite in the running statistics' dtype: a step that
-    would overflow them (float16, or float32 for data near 1e20) raises and changes nothing."""
-    if not all_finite(new_mean, new_var):
-        raise ValueError(
-            f"expected new running statistics that fit {np.dtype(dtype).name}, got a running "
-            f"mean or variance that overflows it (batch variance up to "
-            f"{float(np.max(new_var[np.isfinite(new_var)], initial=0)):.3g} where finite); "
-            "use a wider dtype for the layer; nothing was updated"
-        )
+def _overflow_error(new_var: np.ndarray, dtype: np.dtype) -> ValueError:
+    """New running statistics that do not fit the running statistics' dtype (float16, or
+    float32 for data near 1e20): the step raises and changes nothing."""
+    finite = new_var[np.isfinite(new_var)]
+    return ValueError(
+        f"expected new running statistics that fit {np.dtype(dtype).name}, got a running "
+        f"mean or variance that overflows it (finite running variances up to "
+        f"{float(finite.max(initial=0)):.3g}); use a wider dtype for the layer; nothing was "
+        "updated"
+    )
 
 
 class _NormBase:
@@ -602,12 +603,13 @@ class BatchNorm(_NormBase):
             )
         if update:
             nbt = self.num_batches_tracked + 1
-            new_mean, new_var = F.update_running_stats(
+            new_mean, new_var, fits = F.running_step(
                 self.running_mean, self.running_var, cache.mean, cache.var, cache.count,
                 momentum=self.momentum, num_batches_tracked=nbt, unbiased=self.unbiased,
                 backend=self.backend,
             )
-            _check_fits(new_mean, new_var, self.running_var.dtype)
+            if not fits:
+                raise _overflow_error(new_var, self.running_var.dtype)
             np.copyto(self.running_mean, new_mean)
             np.copyto(self.running_var, new_var)
             self.num_batches_tracked = nbt

@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from .functional import BatchNormCache, compute_dtype
+from .checks import compute_dtype
+from .functional import BatchNormCache
 
 __all__ = ["batch_norm_double_backward"]
 

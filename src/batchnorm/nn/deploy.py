@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import normalize_axis
 from ..fold import fold_batchnorm as _fold_arrays
-from ..functional import normalize_axis
 from ..layers import BatchNorm
 from .layers import Conv2d, Linear
 
