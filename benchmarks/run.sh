@@ -5,6 +5,6 @@
 set -eu
 PY=${PY:-.venv/bin/python}
 out=benchmarks/results-$(date +%Y%m%d-%H%M%S)
-{ lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Core|L2|L3' || true; "$PY" -m batchnorm.cli info; } \
+{ lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Core|L2|L3' || true; "$PY" -m batchnorm info; } \
     > "$out.machine.txt"
-"$PY" -m batchnorm.cli bench --save "$out.json" "$@" | tee "$out.md"
+"$PY" -m batchnorm bench --save "$out.json" "$@" | tee "$out.md"

@@ -169,8 +169,8 @@ def check_train(batch_size: int, epochs: int, max_steps: int) -> str:
     ``max_steps > 0`` trains that many steps only, with the one-step tolerance 1e-9 (tiny
     batches, with a rank holding none, are chaotic: round-off grows ~100x per step there).
     """
-    from batchnorm.data import load_dataset
-    from batchnorm.demo import build_model, make_batches, train_network
+    from batchnorm.apps.data import load_dataset
+    from batchnorm.apps.demo import build_model, make_batches, train_network
     from batchnorm.distributed import DataParallel
     from batchnorm.nn import SGD
 

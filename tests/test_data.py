@@ -8,7 +8,14 @@ import struct
 import numpy as np
 import pytest
 
-from batchnorm.data import MNIST_FILES, Dataset, load_dataset, load_digits, load_mnist, read_idx
+from batchnorm.apps.data import (
+    MNIST_FILES,
+    Dataset,
+    load_dataset,
+    load_digits,
+    load_mnist,
+    read_idx,
+)
 
 
 def idx_bytes(a: np.ndarray) -> bytes:

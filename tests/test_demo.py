@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from batchnorm import available_backends
-from batchnorm.data import load_digits
-from batchnorm.demo import (
+from batchnorm.apps.data import load_digits
+from batchnorm.apps.demo import (
     History,
     build_model,
     main,

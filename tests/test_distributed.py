@@ -111,7 +111,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(n, bad_rank):
 )
 def test_data_parallel_training_equals_single_process(n, batch, epochs, max_steps):
     pytest.importorskip("sklearn")  # the digits data set
-    pytest.importorskip("batchnorm.demo")
+    pytest.importorskip("batchnorm.apps.demo")
     proc = run_mpi(n, "train", str(batch), str(epochs), str(max_steps))
     assert_all_ok(proc, n, "train")
 
@@ -136,14 +136,14 @@ def _curves(results: dict) -> list[tuple[str, float]]:
 
 def test_demo_distributed_equals_single_process(tmp_path):
     pytest.importorskip("sklearn")
-    pytest.importorskip("batchnorm.demo")
+    pytest.importorskip("batchnorm.apps.demo")
     import json
 
-    from batchnorm import demo
+    from batchnorm.apps import demo
 
     args = ["--quick", "--epochs", "2", "--train-size", "300", "--no-progress"]
     # 300 examples, batches of 100 over 3 ranks: shards of 34, 33 and 33.
-    proc = run_mpi_module(3, "batchnorm.cli", "demo", "--distributed", *args,
+    proc = run_mpi_module(3, "batchnorm", "demo", "--distributed", *args,
                           "--out", str(tmp_path / "mpi"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # Rank 0 alone prints the table.

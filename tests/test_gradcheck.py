@@ -7,8 +7,9 @@ import io
 import numpy as np
 import pytest
 
-from batchnorm import gradcheck
-from batchnorm.gradcheck import check_layer, main, numerical_gradient, relative_error
+from batchnorm.apps import gradcheck
+from batchnorm.apps.gradcheck import main
+from batchnorm.gradcheck import check_layer, numerical_gradient, relative_error
 from batchnorm.nn import Linear
 
 

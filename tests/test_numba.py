@@ -443,7 +443,7 @@ def test_outputs_of_successive_calls_do_not_overwrite_each_other():
 
 
 def test_bench_smoke_json(capsys):
-    from batchnorm import bench
+    from batchnorm.apps import bench
 
     rc = bench.main(["--cases", "small", "--modes", "train,infer", "--impls", "numpy,numba",
                      "--repeat", "2", "--no-first-call", "--no-progress", "--json"])
@@ -459,19 +459,19 @@ def test_bench_smoke_json(capsys):
 def test_bench_sync_is_handed_over(monkeypatch):
     import types
 
-    from batchnorm import bench
+    from batchnorm.apps import bench
 
     seen = []
-    fake = types.ModuleType("batchnorm.bench_sync")
+    fake = types.ModuleType("batchnorm.apps.bench_sync")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "batchnorm.bench_sync", fake)
-    monkeypatch.setattr("batchnorm.bench_sync", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "batchnorm.apps.bench_sync", fake)
+    monkeypatch.setattr("batchnorm.apps.bench_sync", fake, raising=False)
     assert bench.main(["--sync", "--json"]) == 0
     assert seen == [["--sync", "--json"]]
 
 
 def test_bench_rejects_unknown_cases():
-    from batchnorm import bench
+    from batchnorm.apps import bench
 
     with pytest.raises(SystemExit):
         bench.main(["--cases", "S9", "--no-progress"])

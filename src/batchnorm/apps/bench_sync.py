@@ -1,6 +1,6 @@
 """``batchnorm bench --sync``: the cost of SyncBatchNorm against local BatchNorm.
 
-Run as ``batchnorm bench --sync`` (or ``python -m batchnorm.bench_sync``), it launches
+Run as ``batchnorm bench --sync`` (or ``python -m batchnorm.apps.bench_sync``), it launches
 ``mpiexec -n K`` for each K of ``--ranks`` and prints one table. Run under ``mpiexec``
 yourself (``mpiexec -n 4 batchnorm bench --sync``), it measures that job's size only.
 
@@ -89,8 +89,8 @@ def _interleaved_medians(comm, fns: list, repeat: int, warmup: int) -> list[floa
 def _worker(args: argparse.Namespace) -> dict:
     from mpi4py import MPI
 
-    from .distributed import SyncBatchNorm, backward_bytes, forward_bytes, shard_bounds
-    from .layers import BatchNorm
+    from ..distributed import SyncBatchNorm, backward_bytes, forward_bytes, shard_bounds
+    from ..layers import BatchNorm
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -168,7 +168,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
                OPENBLAS_NUM_THREADS=threads)
     rows = []
     for k in (int(s) for s in args.ranks.split(",")):
-        cmd = [exe, "-n", str(k), sys.executable, "-m", "mpi4py", "-m", "batchnorm.bench_sync",
+        cmd = [exe, "-n", str(k), sys.executable, "-m", "mpi4py", "-m", "batchnorm.apps.bench_sync",
                *argv, "--worker"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

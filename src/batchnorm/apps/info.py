@@ -15,7 +15,7 @@ import tempfile
 from importlib import metadata
 from typing import Any
 
-from .backends import ENV_VAR, available_backends, get_backend
+from ..backends import ENV_VAR, available_backends, get_backend
 
 __all__ = ["collect", "main"]
 
@@ -63,7 +63,7 @@ def _numba_info() -> dict[str, Any]:
     except ValueError:
         out["threading_layer"] = None
     try:
-        from ._numba import kernels
+        from .._numba import kernels
 
         # Where numba will store and look for the compiled kernels: NUMBA_CACHE_DIR, the
         # package's __pycache__, or a per-user directory when the package is read-only.
@@ -90,7 +90,7 @@ def collect() -> dict[str, Any]:
         error = None
     except (ImportError, ValueError) as err:
         in_use, error = None, str(err)
-    from . import __version__
+    from .. import __version__
 
     return {
         "backend": in_use,

@@ -19,7 +19,7 @@ is ``np.copyto`` between two 64 MiB arrays (one thread, read + write).
 The first-call cost is measured in fresh subprocesses: once with an empty numba cache
 directory (the kernels compile) and once with that directory filled (they are loaded).
 
-``batchnorm bench --sync`` runs :mod:`batchnorm.bench_sync` instead (SyncBatchNorm over MPI).
+``batchnorm bench --sync`` runs :mod:`batchnorm.apps.bench_sync` instead (SyncBatchNorm over MPI).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ IMPLS = ("numpy", "numba", "torch")
 
 
 def _ours(case: Case, mode: str, backend: str, x, dy, g, b, mean, var) -> Callable[[], Any]:
-    from .functional import batch_norm_backward, batch_norm_inference, batch_norm_train
+    from ..functional import batch_norm_backward, batch_norm_inference, batch_norm_train
 
     if mode == "train":
 
@@ -210,7 +210,7 @@ def first_call_cost(cases: list[Case], threads: int) -> dict[str, Any]:
 
 
 def _machine(threads: int, torch_version: str | None) -> dict[str, Any]:
-    from . import __version__
+    from .. import __version__
     from .info import _cpu_model
 
     d: dict[str, Any] = {
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     Parameters
     ----------
     argv : list of str or None
-        Arguments after ``bench``; ``--sync`` hands everything to ``batchnorm.bench_sync``.
+        Arguments after ``bench``; ``--sync`` hands everything to ``batchnorm.apps.bench_sync``.
 
     Returns
     -------

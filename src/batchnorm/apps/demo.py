@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from .backends import get_backend
+from ..backends import get_backend
+from ..nn import SGD, Optimizer, Sequential, SoftmaxCrossEntropy, cnn, mlp
 from .data import DATASETS, Dataset, load_dataset
-from .nn import SGD, Optimizer, Sequential, SoftmaxCrossEntropy, cnn, mlp
 
 __all__ = [
     "History",
@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parallel = None
     if args.distributed:
-        from .distributed import DataParallel
+        from ..distributed import DataParallel
 
         try:
             parallel = DataParallel()
