@@ -110,6 +110,30 @@ def test_softmax_cross_entropy_value_and_stability():
     np.testing.assert_allclose(softmax(logits).sum(axis=1), 1.0)
 
 
+def test_softmax_cross_entropy_sum_reduction(rng):
+    logits = rng.standard_normal((5, 3)) * 2
+    labels = rng.integers(0, 3, 5)
+    mean_fn, sum_fn = SoftmaxCrossEntropy(), SoftmaxCrossEntropy(reduction="sum")
+    assert sum_fn(logits, labels) == pytest.approx(5 * mean_fn(logits, labels), rel=1e-14)
+    analytic = sum_fn.backward()
+    np.testing.assert_allclose(analytic, 5 * mean_fn.backward(), rtol=1e-14)
+    numeric = numerical_gradient(lambda: sum_fn(logits, labels), logits)
+    np.testing.assert_allclose(analytic, numeric, rtol=0, atol=1e-8)
+
+
+def test_softmax_cross_entropy_sum_of_an_empty_batch_is_zero():
+    # What a data-parallel process with an empty shard computes (GlobalMeanLoss).
+    fn = SoftmaxCrossEntropy(reduction="sum")
+    assert fn(np.zeros((0, 4)), np.zeros(0, dtype=np.int64)) == 0.0
+    d = fn.backward(0.5)
+    assert d.shape == (0, 4)
+
+
+def test_softmax_cross_entropy_rejects_an_unknown_reduction():
+    with pytest.raises(ValueError, match="expected reduction 'mean' or 'sum', got 'none'"):
+        SoftmaxCrossEntropy(reduction="none")
+
+
 def test_softmax_cross_entropy_rejects_bad_labels():
     fn = SoftmaxCrossEntropy()
     with pytest.raises(ValueError, match="labels in"):

@@ -510,7 +510,9 @@ class GlobalMeanLoss:
 
         MPI = _mpi()
         self.comm = MPI.COMM_WORLD if comm is None else comm
-        self._local = SoftmaxCrossEntropy()
+        # The sum over the shard: defined (0) for an empty shard, and what the all-reduce adds.
+        self._local = SoftmaxCrossEntropy(reduction="sum")
+        self._n = 0
 
     def __call__(self, logits: np.ndarray, labels: np.ndarray) -> float:
         return self.forward(logits, labels)
@@ -518,21 +520,15 @@ class GlobalMeanLoss:
     def forward(self, logits: np.ndarray, labels: np.ndarray) -> float:
         """Mean loss over all ranks' samples; `logits` (n, K) and `labels` (n,) are this
         rank's (n may be 0)."""
-        logits = np.asarray(logits)
-        labels = np.asarray(labels)
-        n = labels.shape[0] if labels.ndim == 1 else -1
-        if n == 0 and logits.ndim == 2 and logits.shape[0] == 0:
-            # np.mean of nothing would warn and give NaN; an empty shard adds 0 to the sum.
-            self._local._cache = (np.zeros(logits.shape), labels.astype(np.int64))
-            local = 0.0
-        else:
-            local = self._local.forward(logits, labels) * n
+        local = self._local.forward(logits, labels)
+        n = len(labels)
+        self._n = n
         total, count = self.comm.allreduce(np.array([local, float(n)]), op=_mpi().SUM)
         return float(total / count) if count > 0 else float("nan")
 
     def backward(self, scale: float = 1.0) -> np.ndarray:
         """Gradient of ``scale * (this rank's mean loss)`` with respect to its logits (n, K)."""
-        return self._local.backward(scale)
+        return self._local.backward(scale / max(self._n, 1))
 
 
 class DataParallel:

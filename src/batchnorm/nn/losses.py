@@ -16,10 +16,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class SoftmaxCrossEntropy:
-    """Mean cross-entropy of softmax probabilities against integer labels.
+    """Cross-entropy of softmax probabilities against integer labels, mean or sum over the batch.
 
-    ``loss = -mean_n log softmax(logits)[n, labels[n]]``; its gradient with respect to the
-    logits is ``(softmax(logits) - onehot(labels)) / N``.
+    Parameters
+    ----------
+    reduction : {"mean", "sum"}, default "mean"
+        ``"mean"``: ``loss = -mean_n log softmax(logits)[n, labels[n]]``, gradient
+        ``(softmax(logits) - onehot(labels)) / N``. ``"sum"``: the sum over the batch, gradient
+        without the ``1 / N``; an empty batch (N = 0) then has loss 0 and an empty gradient,
+        which is what a data-parallel process with an empty shard contributes.
+
+    Raises
+    ------
+    ValueError
+        If `reduction` is neither ``"mean"`` nor ``"sum"``.
 
     Examples
     --------
@@ -28,14 +38,17 @@ class SoftmaxCrossEntropy:
     >>> dlogits = loss_fn.backward()        # same shape as logits
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reduction: str = "mean") -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"expected reduction 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
         self._cache: tuple[np.ndarray, np.ndarray] | None = None
 
     def __call__(self, logits: np.ndarray, labels: np.ndarray) -> float:
         return self.forward(logits, labels)
 
     def forward(self, logits: np.ndarray, labels: np.ndarray) -> float:
-        """Mean loss.
+        """The loss of the batch (mean or sum, see `reduction`).
 
         Parameters
         ----------
@@ -45,6 +58,13 @@ class SoftmaxCrossEntropy:
         Returns
         -------
         loss : float
+
+        Raises
+        ------
+        ValueError
+            For shapes other than (N, K) and (N,), or labels outside ``[0, K)``.
+        TypeError
+            For labels that are not integers.
         """
         logits = np.asarray(logits)
         labels = np.asarray(labels)
@@ -61,7 +81,8 @@ class SoftmaxCrossEntropy:
         logsum = np.log(np.exp(z).sum(axis=1))
         rows = np.arange(labels.size)
         # log softmax = z - logsumexp(z): stable for large logits, unlike log(softmax(z)).
-        loss = float(np.mean(logsum - z[rows, labels]))
+        per_sample = logsum - z[rows, labels]
+        loss = float(per_sample.sum() if self.reduction == "sum" else np.mean(per_sample))
         self._cache = (np.exp(z - logsum[:, None]), labels)
         return loss
 
@@ -84,5 +105,5 @@ class SoftmaxCrossEntropy:
         prob, labels = self._cache
         d = prob.copy()
         d[np.arange(labels.size), labels] -= 1.0
-        d *= scale / max(labels.size, 1)
+        d *= scale if self.reduction == "sum" else scale / max(labels.size, 1)
         return d
