@@ -12,6 +12,16 @@ the same run. What is timed is what a user calls:
   autograd with ``requires_grad`` on x, weight and bias, and ``training=False`` under
   ``torch.no_grad()``.
 
+Two cases time the layers, where the per-call overhead of small batches shows:
+
+- ``layer``: ``batchnorm.BatchNorm(256)`` on (64, 256) float32, ``y = bn.forward(x);
+  bn.backward(dy)`` in training and ``bn.forward(x)`` in eval mode, against PyTorch's
+  ``nn.BatchNorm1d(256)`` (forward + autograd backward; eval forward under ``no_grad``);
+- ``book``: ``batchnorm.BatchNormalization`` (the book's interface) on (100, 100) float64,
+  ``forward(x, train_flg=True)`` + ``backward(dout)`` and ``forward(x, train_flg=False)``,
+  against :class:`BookReference`, the book's algorithm in plain NumPy (column ``book``), and
+  PyTorch's ``nn.BatchNorm1d(100)`` in float64.
+
 Bytes moved count whole-array passes: 8 for forward+backward (forward: read x twice, write y;
 backward: read dy and x twice, write dx), 2 for inference (read x, write y). The copy bandwidth
 is ``np.copyto`` between two 64 MiB arrays (one thread, read + write).
@@ -19,7 +29,8 @@ is ``np.copyto`` between two 64 MiB arrays (one thread, read + write).
 The first-call cost is measured in fresh subprocesses: once with an empty numba cache
 directory (the kernels compile) and once with that directory filled (they are loaded).
 
-``batchnorm bench --sync`` runs :mod:`batchnorm.apps.bench_sync` instead (SyncBatchNorm over MPI).
+``batchnorm bench --sync`` runs :mod:`batchnorm.apps.bench_sync` instead (SyncBatchNorm over
+MPI).
 """
 
 from __future__ import annotations
@@ -40,17 +51,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CASES", "main"]
+from ._checks import check_output_file, int_at_least, write_text_atomic
+
+__all__ = ["CASES", "BookReference", "main"]
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark shape: ``shape`` of the NumPy input, feature ``axis``."""
+    """One benchmark: ``shape`` of the NumPy input, feature ``axis``, what is timed (``kind``:
+    the functional kernels, the ``BatchNorm`` layer or the book's layer) and the ``dtype``."""
 
     name: str
     shape: tuple[int, ...]
     axis: int
     label: str
+    kind: str = "kernel"
+    dtype: str = "float32"
 
 
 CASES = {
@@ -62,11 +78,16 @@ CASES = {
         Case("S4", (8192, 512), 1, "(N,D) (8192,512)"),
         Case("S5", (64, 14, 14, 256), -1, "NHWC (64,14,14,256)"),
         Case("small", (32, 128), 1, "(N,D) (32,128)"),
+        Case("layer", (64, 256), 1, "BatchNorm(256) (64,256)", kind="layer"),
+        Case("book", (100, 100), 1, "BatchNormalization (100,100) float64", kind="book",
+             dtype="float64"),
     )
 }
 PASSES = {"train": 8, "infer": 2}
 MODES = {"train": "training fwd+bwd", "infer": "inference fwd"}
 IMPLS = ("numpy", "numba", "torch")
+BOOK_MOMENTUM = 0.9
+BOOK_EPS = 1e-6  # the book's 10e-7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +107,151 @@ def _ours(case: Case, mode: str, backend: str, x, dy, g, b, mean, var) -> Callab
 
         def run():
             return batch_norm_inference(x, g, b, mean, var, axis=case.axis, backend=backend)
+
+    return run
+
+
+def _ours_layer(case: Case, mode: str, backend: str, x, dy, g, b, mean, var
+                ) -> Callable[[], Any]:
+    from ..layers import BatchNorm, BatchNormalization
+
+    if case.kind == "book":
+        book = BatchNormalization(g.copy(), b.copy(), BOOK_MOMENTUM, mean.copy(), var.copy(),
+                                  BOOK_EPS, backend=backend)
+        if mode == "train":
+
+            def run():
+                book.forward(x, train_flg=True)
+                return book.backward(dy)
+
+        else:
+
+            def run():
+                return book.forward(x, train_flg=False)
+
+        return run
+
+    bn = BatchNorm(x.shape[case.axis], axis=case.axis, dtype=x.dtype, backend=backend)
+    bn.gamma[:], bn.beta[:] = g, b
+    bn.running_mean[:], bn.running_var[:] = mean, var
+    if mode == "train":
+
+        def run():
+            bn.forward(x)
+            return bn.backward(dy)
+
+    else:
+        bn.eval()
+
+        def run():
+            return bn.forward(x)
+
+    return run
+
+
+class BookReference:
+    """The book's batch-normalization layer, written here in plain NumPy from its formulas: the
+    baseline of the ``book`` case (and checked against :class:`batchnorm.BatchNormalization` by
+    the tests).
+
+    Parameters
+    ----------
+    gamma, beta : ndarray of shape (D,)
+    momentum : float
+        Weight of the old running value: ``running = momentum * running + (1 - momentum) *
+        batch``.
+    running_mean, running_var : ndarray of shape (D,)
+    eps : float
+
+    Notes
+    -----
+    Training forward, for ``x`` of shape (N, D): ``mu = mean(x)``, ``xc = x - mu``,
+    ``var = mean(xc**2)`` (biased), ``std = sqrt(var + eps)``, ``xn = xc / std``,
+    ``y = gamma * xn + beta``. Backward::
+
+        dbeta = sum(dout), dgamma = sum(xn * dout), dxn = gamma * dout, dxc = dxn / std,
+        dstd = -sum(dxn * xc / std**2), dvar = 0.5 * dstd / std, dxc += (2 / N) * xc * dvar,
+        dmu = sum(dxc), dx = dxc - dmu / N
+
+    with every sum over the batch axis.
+    """
+
+    def __init__(self, gamma: np.ndarray, beta: np.ndarray, momentum: float,
+                 running_mean: np.ndarray, running_var: np.ndarray, eps: float) -> None:
+        self.gamma, self.beta, self.momentum, self.eps = gamma, beta, momentum, eps
+        self.running_mean, self.running_var = running_mean, running_var
+        self.dgamma = self.dbeta = None
+
+    def forward(self, x: np.ndarray, train_flg: bool = True) -> np.ndarray:
+        if train_flg:
+            mu = x.mean(axis=0)
+            xc = x - mu
+            var = np.mean(xc * xc, axis=0)
+            std = np.sqrt(var + self.eps)
+            xn = xc / std
+            self._n, self._xc, self._xn, self._std = x.shape[0], xc, xn, std
+            m = self.momentum
+            self.running_mean = m * self.running_mean + (1.0 - m) * mu
+            self.running_var = m * self.running_var + (1.0 - m) * var
+        else:
+            xn = (x - self.running_mean) / np.sqrt(self.running_var + self.eps)
+        return self.gamma * xn + self.beta
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        n, xc, xn, std = self._n, self._xc, self._xn, self._std
+        self.dbeta = dout.sum(axis=0)
+        self.dgamma = np.sum(xn * dout, axis=0)
+        dxn = self.gamma * dout
+        dxc = dxn / std
+        dstd = -np.sum(dxn * xc / (std * std), axis=0)
+        dvar = 0.5 * dstd / std
+        dxc += (2.0 / n) * xc * dvar
+        dmu = np.sum(dxc, axis=0)
+        return dxc - dmu / n
+
+
+def _book_reference(mode: str, x, dy, g, b, mean, var) -> Callable[[], Any]:
+    ref = BookReference(g.copy(), b.copy(), BOOK_MOMENTUM, mean.copy(), var.copy(), BOOK_EPS)
+    if mode == "train":
+
+        def run():
+            ref.forward(x, train_flg=True)
+            return ref.backward(dy)
+
+    else:
+
+        def run():
+            return ref.forward(x, train_flg=False)
+
+    return run
+
+
+def _torch_layer(case: Case, mode: str, x, dy, g, b, mean, var) -> Callable[[], Any]:
+    import torch
+
+    c = x.shape[case.axis]
+    dtype = getattr(torch, x.dtype.name)
+    m = torch.nn.BatchNorm1d(c, eps=BOOK_EPS if case.kind == "book" else 1e-5, dtype=dtype)
+    with torch.no_grad():
+        m.weight.copy_(torch.from_numpy(g))
+        m.bias.copy_(torch.from_numpy(b))
+        m.running_mean.copy_(torch.from_numpy(mean))
+        m.running_var.copy_(torch.from_numpy(var))
+    xt = torch.from_numpy(x.copy()).requires_grad_(mode == "train")
+    dyt = torch.from_numpy(dy)
+    if mode == "train":
+
+        def run():
+            xt.grad = m.weight.grad = m.bias.grad = None  # fresh gradients each call, like ours
+            m(xt).backward(dyt)
+            return xt.grad
+
+    else:
+        m.eval()
+
+        def run():
+            with torch.no_grad():
+                return m(xt)
 
     return run
 
@@ -277,28 +443,38 @@ class _Progress:
 def run_case(
     case: Case, mode: str, impls: list[str], repeat: int, min_sample: float, progress: _Progress
 ) -> dict[str, Any]:
-    """Median seconds per call of each implementation, interleaved round-robin."""
+    """Median seconds per call of each implementation, interleaved round-robin.
+
+    The ``book`` case also runs :class:`BookReference` (as implementation ``"book"``).
+    """
     rng = np.random.default_rng(0)
-    x = rng.standard_normal(case.shape, dtype=np.float32)
-    dy = rng.standard_normal(case.shape, dtype=np.float32)
+    dt = np.dtype(case.dtype)
+    x = rng.standard_normal(case.shape).astype(dt)
+    dy = rng.standard_normal(case.shape).astype(dt)
     c = case.shape[case.axis]
-    g = rng.normal(1.0, 0.1, c).astype(np.float32)
-    b = rng.normal(0.0, 0.1, c).astype(np.float32)
-    mean = rng.normal(0.0, 0.1, c).astype(np.float32)
-    var = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    g = rng.normal(1.0, 0.1, c).astype(dt)
+    b = rng.normal(0.0, 0.1, c).astype(dt)
+    mean = rng.normal(0.0, 0.1, c).astype(dt)
+    var = rng.uniform(0.5, 1.5, c).astype(dt)
+    arrays = (x, dy, g, b, mean, var)
     fns = {}
     for name in impls:
         if name == "torch":
-            fns[name] = _torch(case, mode, x, dy, g, b, mean, var)
+            make = _torch if case.kind == "kernel" else _torch_layer
+            fns[name] = make(case, mode, *arrays)
+        elif case.kind == "kernel":
+            fns[name] = _ours(case, mode, name, *arrays)
         else:
-            fns[name] = _ours(case, mode, name, x, dy, g, b, mean, var)
+            fns[name] = _ours_layer(case, mode, name, *arrays)
+    if case.kind == "book":
+        fns["book"] = _book_reference(mode, *arrays)
     numbers = {}
     for name, fn in fns.items():
         progress.note(f"{case.name} {mode}: warming up {name}")
         fn()  # compile / load kernels, first touch
         numbers[name] = _calibrate(fn, min_sample)
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    ratios = []
+    ratios, book_ratios = [], []
     order = list(fns)
     for r in range(repeat):
         rot = order[r % len(order) :] + order[: r % len(order)]
@@ -306,6 +482,8 @@ def run_case(
             samples[name].append(_sample(fns[name], numbers[name]))
         if "numba" in fns and "torch" in fns:
             ratios.append(samples["numba"][-1] / samples["torch"][-1])
+        if "numba" in fns and "book" in fns:
+            book_ratios.append(samples["numba"][-1] / samples["book"][-1])
         progress.step(f"{case.name} {mode} round {r + 1}/{repeat}")
     nbytes = PASSES[mode] * x.nbytes
     res: dict[str, Any] = {
@@ -317,6 +495,7 @@ def run_case(
         "calls_per_sample": numbers,
     }
     res["ratio_fast_torch"] = statistics.median(ratios) if ratios else None
+    res["ratio_fast_book"] = statistics.median(book_ratios) if book_ratios else None
     fast = res["median_ms"].get("numba")
     res["fast_gbs"] = nbytes / (fast * 1e-3) / 1e9 if fast else None
     return res
@@ -329,8 +508,9 @@ def _fmt(v: float | None, spec: str) -> str:
 def table(results: list[dict[str, Any]], copy_gbs: float) -> str:
     """The results as a Markdown table."""
     head = (
-        "| case | mode | numpy ms | numba ms | torch ms | numba/torch | numba GB/s | of copy |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|"
+        "| case | mode | numpy ms | numba ms | torch ms | numba/torch | numba GB/s | of copy "
+        "| book ms | numba/book |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = [head]
     for r in results:
@@ -340,7 +520,8 @@ def table(results: list[dict[str, Any]], copy_gbs: float) -> str:
             f"| {r['case']} {r['label']} | {MODES[r['mode']]} | {_fmt(ms.get('numpy'), '.3f')} "
             f"| {_fmt(ms.get('numba'), '.3f')} | {_fmt(ms.get('torch'), '.3f')} "
             f"| {_fmt(r['ratio_fast_torch'], '.2f')} | {_fmt(gbs, '.1f')} "
-            f"| {_fmt(None if gbs is None else gbs / copy_gbs, '.0%')} |"
+            f"| {_fmt(None if gbs is None else gbs / copy_gbs, '.0%')} "
+            f"| {_fmt(ms.get('book'), '.3f')} | {_fmt(r.get('ratio_fast_book'), '.2f')} |"
         )
     return "\n".join(rows)
 
@@ -388,14 +569,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="threads for numba and PyTorch (default: numba's default, all cores)")
-    p.add_argument("--repeat", type=int, default=15, help="rounds per case and mode (15)")
+    p.add_argument("--repeat", type=int_at_least(1), default=15,
+                   help="rounds per case and mode (15)")
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--modes", default="train,infer", help="train, infer or both (default)")
-    p.add_argument("--impls", default=",".join(IMPLS),
-                   help="comma-separated subset of numpy,numba,torch")
+    p.add_argument("--impls", default=None,
+                   help="comma-separated subset of numpy,numba,torch (default: those installed)")
     p.add_argument("--quick", action="store_true",
                    help="5 rounds and no first-call subprocesses (a smoke run)")
     p.add_argument("--no-first-call", action="store_true",
@@ -406,15 +588,18 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    asked = args.impls is not None
+    impls = [i.strip() for i in (args.impls or ",".join(IMPLS)).split(",") if i.strip()]
     for what, got, allowed in (("case", cases, CASES), ("mode", modes, MODES),
                                ("implementation", impls, IMPLS)):
         bad = [v for v in got if v not in allowed]
         if bad or not got:
             p.error(f"unknown {what} {bad or got}; expected some of {', '.join(allowed)}")
     repeat = 5 if args.quick else args.repeat
-    if repeat < 1:
-        p.error("--repeat must be at least 1")
+    if args.save is not None:
+        why = check_output_file(args.save)
+        if why is not None:
+            p.error(f"argument --save: {why}")
 
     torch_version = None
     if "torch" in impls:
@@ -423,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
 
             torch_version = torch.__version__
         except ImportError:
+            if asked:
+                p.error("argument --impls: torch asked for, but PyTorch is not installed "
+                        "(pip install 'batchnorm[bench]')")
             impls.remove("torch")
     has_numba = True
     try:
@@ -430,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         has_numba = False
         if "numba" in impls:
+            if asked:
+                p.error("argument --impls: numba asked for, but numba is not installed "
+                        "(pip install 'batchnorm[fast]')")
             impls.remove("numba")
     threads = args.threads
     if has_numba:
@@ -468,8 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"machine": machine, "copy_gbs": copy_gbs, "repeat": repeat, "dtype": "float32",
            "results": results, "first_call": fc}
     if args.save:
-        with open(args.save, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
+        write_text_atomic(args.save, json.dumps(out, indent=2) + "\n")
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._checks import int_at_least
+
 __all__ = ["main"]
 
 _MPI_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -40,17 +42,38 @@ def _parser() -> argparse.ArgumentParser:
         description="Time SyncBatchNorm forward+backward against local BatchNorm under MPI.",
     )
     p.add_argument("--sync", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--ranks", default="1,2,4", help="process counts to launch (default 1,2,4)")
-    p.add_argument("--shape", default="64,256,14,14",
+    p.add_argument("--ranks", type=_int_list("process counts", 1), default=[1, 2, 4],
+                   help="process counts to launch (default 1,2,4)")
+    p.add_argument("--shape", type=_int_list("sizes", 1, min_len=2), default=[64, 256, 14, 14],
                    help="global batch shape N,C,... (default 64,256,14,14)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--backend", default="auto", help="auto, numpy or numba (default auto)")
-    p.add_argument("--repeat", type=int, default=50, help="timed steps (default 50)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba"],
+                   help="auto, numpy or numba (default auto)")
+    p.add_argument("--repeat", type=int_at_least(1), default=50, help="timed steps (default 50)")
+    p.add_argument("--warmup", type=int_at_least(0), default=3,
+                   help="untimed steps first (default 3)")
+    p.add_argument("--threads", type=int_at_least(1), default=1,
                    help="threads per rank for numba/BLAS (default 1: ranks share the cores)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def _int_list(what: str, low: int, min_len: int = 1):
+    """An argparse ``type``: comma-separated integers ``>= low``, at least `min_len` of them."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers, got {text!r}") from None
+        if len(values) < min_len or min(values) < low:
+            raise argparse.ArgumentTypeError(
+                f"expected at least {min_len} {what} >= {low}, comma-separated, got {text!r}")
+        return values
+
+    parse.__name__ = what
+    return parse
 
 
 def _under_mpiexec() -> bool:
@@ -94,7 +117,7 @@ def _worker(args: argparse.Namespace) -> dict:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    shape = tuple(int(s) for s in args.shape.split(","))
+    shape = tuple(args.shape)
     n, c = shape[0], shape[1]
     lo, hi = shard_bounds(n, rank, size)
     rng = np.random.default_rng(rank)
@@ -167,7 +190,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     env.update(NUMBA_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                OPENBLAS_NUM_THREADS=threads)
     rows = []
-    for k in (int(s) for s in args.ranks.split(",")):
+    for k in args.ranks:
         cmd = [exe, "-n", str(k), sys.executable, "-m", "mpi4py", "-m", "batchnorm.apps.bench_sync",
                *argv, "--worker"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)

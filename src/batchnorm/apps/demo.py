@@ -38,6 +38,7 @@ import numpy as np
 
 from ..backends import get_backend
 from ..nn import SGD, Optimizer, Sequential, SoftmaxCrossEntropy, cnn, mlp
+from ._checks import check_output_dir, finite_float, int_at_least, write_text_atomic
 from .data import DATASETS, Dataset, load_dataset
 
 __all__ = [
@@ -615,18 +616,37 @@ def plot_headline(results: dict[str, Any], path: str | os.PathLike, dpi: int = 7
 
 
 def write_results(results: dict[str, Any], out: str | os.PathLike) -> dict[str, Path]:
-    """Write ``results.json``, ``weight_scale.png`` and ``headline.png`` (if any) to `out`."""
+    """Write ``results.json``, ``weight_scale.png`` and ``headline.png`` (if any) to `out`.
+
+    Each file is written atomically (a temporary file in `out`, then renamed): an error, a full
+    disk or a killed process leaves the previous file, never a truncated one.
+
+    Raises
+    ------
+    ValueError
+        If `results` holds NaN or an infinity (not JSON); nothing is written then.
+    """
+    # Serialised first, so that results that are not JSON fail before any file is touched.
+    text = json.dumps(results, indent=1, allow_nan=False) + "\n"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "weight_scale": out / "weight_scale.png"}
-    with open(paths["json"], "w") as f:
-        json.dump(results, f, indent=1, allow_nan=False)
-        f.write("\n")
-    plot_weight_scale(results, paths["weight_scale"])
+    write_text_atomic(paths["json"], text)
+    _atomic_figure(plot_weight_scale, results, paths["weight_scale"])
     if results["headline"] is not None:
         paths["headline"] = out / "headline.png"
-        plot_headline(results, paths["headline"])
+        _atomic_figure(plot_headline, results, paths["headline"])
     return paths
+
+
+def _atomic_figure(plot: Callable[..., None], results: dict[str, Any], path: Path) -> None:
+    # Same directory (so that the rename is atomic), same suffix (matplotlib picks the format).
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        plot(results, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,14 +668,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="directory with the four MNIST IDX files")
     p.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
                    help="mlp: 5 hidden layers of 100 (default); cnn: 2 conv blocks + 1 hidden")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=int_at_least(1), default=None,
                    help="epochs per run (default: 30 for the MLP on digits, 10 for the CNN)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and batches (default 0)")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
-    p.add_argument("--batch-size", type=int, default=100, help="default 100")
-    p.add_argument("--target", type=float, default=None,
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seed of weights and batches (default 0)")
+    p.add_argument("--lr", type=finite_float(0.0), default=0.01,
+                   help="SGD learning rate (default 0.01)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=100, help="default 100")
+    p.add_argument("--target", type=finite_float(0.0, 1.0), default=None,
                    help="headline test accuracy (default 0.90 digits, 0.95 mnist, 0.82 fashion)")
-    p.add_argument("--train-size", type=int, default=None,
+    p.add_argument("--train-size", type=int_at_least(1), default=None,
                    help="use a fixed subset of this many training examples")
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK_SCALES} scales and {QUICK_EPOCHS} epochs, for a fast look")
@@ -672,8 +694,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``batchnorm demo``."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``batchnorm demo``.
+
+    Every argument is checked before any work, the output directory included (it must be
+    creatable and writable): a bad one ends the command with argparse's usage and a one-line
+    error, exit code 2.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    why = check_output_dir(args.out)
+    if why is not None:
+        parser.error(f"argument --out: {why}")
     scales = np.logspace(0, -4, QUICK_SCALES if args.quick else 16)
     epochs = args.epochs
     if args.quick and epochs is None:
@@ -683,6 +714,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"batchnorm demo: {err}", file=sys.stderr)
         return 2
+    n_train = len(data.subset(args.train_size, seed=args.seed).x_train)
+    if args.batch_size > n_train:
+        parser.error(f"argument --batch-size: expected at most the training-set size "
+                     f"{n_train}, got {args.batch_size}")
 
     parallel = None
     if args.distributed:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..gradcheck import TOLERANCE, CheckResult, check_layer
+from ._checks import finite_float, int_at_least
 
 __all__ = ["default_cases", "main", "run"]
 
@@ -204,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="batchnorm gradcheck",
         description="Check the layers' gradients against central finite differences (float64).",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of inputs and projections")
+    parser.add_argument("--seed", type=int_at_least(0), default=0,
+                        help="seed of inputs and projections")
     parser.add_argument("--backend", default=None, choices=["auto", "numpy", "numba"],
                         help="compute backend (default: $BATCHNORM_BACKEND or auto)")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+    parser.add_argument("--tolerance", type=finite_float(0.0), default=TOLERANCE,
                         help=f"largest relative error that passes (default {TOLERANCE:g})")
     args = parser.parse_args(argv)
     results = run(seed=args.seed, backend=args.backend, tol=args.tolerance)
