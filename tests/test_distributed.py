@@ -333,7 +333,7 @@ def test_bench_sync_reports_every_size_and_the_bytes(capsys):
     pytest.importorskip("mpi4py")
     if _mpiexec() is None:
         pytest.skip("mpiexec not found")
-    from batchnorm import bench_sync
+    from batchnorm.apps import bench_sync
 
     rc = bench_sync.main(["--ranks", "1,2", "--shape", "8,16,4,4", "--repeat", "2",
                           "--warmup", "1", "--backend", "numpy"])

@@ -26,7 +26,7 @@ from batchnorm import (  # noqa: E402 - after the importorskip on purpose
     batch_norm_train,
 )
 from batchnorm import _numba as nbk  # noqa: E402
-from batchnorm import info as info_mod  # noqa: E402
+from batchnorm.apps import info as info_mod  # noqa: E402
 from batchnorm.backends import (  # noqa: E402
     ENV_VAR,
     Backend,  # noqa: E402
