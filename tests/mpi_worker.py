@@ -39,6 +39,8 @@ SIZE = COMM.Get_size()
 
 # (shape of one sample, axis): the batch axis is 0 in every layout.
 LAYOUTS = [((6,), 1), ((3, 4, 5), 1), ((4, 5, 3), -1)]
+# The fused ReLU on two of them: its mask enters the gradient sums before they are reduced.
+ACTIVATIONS = (None, "relu", "relu")
 # float64: exact up to the rounding of a different summation order. float32: its round-off.
 TOL = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-5)}
 
@@ -77,14 +79,14 @@ def check_exact(sizes: list[int], backends: list[str]) -> str:
         for dtype in (np.float64, np.float32):
             tol = TOL[dtype]
             tag = f"{backend}/{np.dtype(dtype).name[5:]}:"
-            for sample, axis in LAYOUTS:
+            for (sample, axis), act in zip(LAYOUTS, ACTIVATIONS, strict=True):
                 c = sample[axis] if axis == -1 else sample[0]
                 # Every rank draws the same global data; rank r keeps rows [lo, hi).
                 rng = np.random.default_rng(1234)
                 ref = BatchNorm(c, axis=axis, dtype=dtype, momentum=0.8, unbiased=True,
-                                backend="numpy")
+                                backend="numpy", activation=act)
                 syn = SyncBatchNorm(c, axis=axis, dtype=dtype, momentum=0.8, unbiased=True,
-                                    backend=backend)
+                                    backend=backend, activation=act)
                 for layer in (ref, syn):
                     layer.gamma[:] = np.linspace(0.5, 2.0, c)
                     layer.beta[:] = np.linspace(-1.0, 1.0, c)

@@ -248,3 +248,35 @@ def test_progress_bar_on_a_terminal_only(tmp_path, monkeypatch, flag):
     else:
         total = 2 * 4 * 2 + 2 * 3 * 2  # networks x epochs x steps per epoch
         assert "training" in text and f"{total}/{total}" in text
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_fused_networks_train_like_unfused_ones(kind):
+    """The demo's networks fuse BatchNorm -> ReLU; a few SGD steps give the unfused network's
+    losses and weights up to float64 round-off."""
+    from batchnorm import BatchNorm
+    from batchnorm.nn import ReLU
+
+    data = load_digits().subset(300)
+    if kind == "mlp":
+        data = data.flat()
+    batches = make_batches(300, 50, 2, seed=1)
+    hists, nets = [], []
+    for fuse in (True, False):
+        net = build_model(kind, data, batchnorm=True, weight_init=0.3, seed=0,
+                          fuse_activation=fuse)
+        hists.append(train_network(net, SGD(net.params, 0.05), data, batches))
+        nets.append(net)
+    fused, plain = nets
+    bns = [layer for layer in fused if isinstance(layer, BatchNorm)]
+    assert bns and all(b.activation == "relu" for b in bns)
+    assert not any(isinstance(layer, ReLU) for layer in fused)
+    assert sum(isinstance(layer, ReLU) for layer in plain) == len(bns)
+    assert hists[0].steps == hists[1].steps == 12 and len(hists[0].loss) == 2
+    np.testing.assert_allclose(hists[0].loss, hists[1].loss, rtol=1e-12)
+    assert hists[0].test_acc == hists[1].test_acc
+    # the same arrays in the same order (the indices differ: the ReLU layers are gone)
+    got, want = list(fused.params.values()), list(plain.params.values())
+    assert [a.shape for a in got] == [a.shape for a in want]
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=str(i))

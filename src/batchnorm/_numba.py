@@ -210,18 +210,26 @@ def _planes_moments_ser(x):
 
 
 @njit(cache=True, fastmath=_FM)
-def _rows_affine_part(x, center, scale, shift, y, a0, a1):
+def _rows_affine_part(x, center, scale, shift, y, a0, a1, relu):
+    """``y = (x - center) * scale + shift``, or ``relu`` of it (NaN stays NaN, as in PyTorch)."""
     c_len = x.shape[1]
+    z = y.dtype.type(0)
     for a in range(a0, a1):
         xr = x[a]
         yr = y[a]
-        for c in range(c_len):
-            yr[c] = (xr[c] - center[c]) * scale[c] + shift[c]
+        if relu:
+            for c in range(c_len):
+                v = (xr[c] - center[c]) * scale[c] + shift[c]
+                yr[c] = z if v <= z else v
+        else:
+            for c in range(c_len):
+                yr[c] = (xr[c] - center[c]) * scale[c] + shift[c]
 
 
 @njit(cache=True, fastmath=_FM)
-def _planes_affine_part(x, center, scale, shift, y, u0, u1):
+def _planes_affine_part(x, center, scale, shift, y, u0, u1, relu):
     c_len, b_len = x.shape[1], x.shape[2]
+    z = y.dtype.type(0)
     a = u0 // c_len
     c = u0 - a * c_len
     for _ in range(u0, u1):  # (a, c) steps through u0:u1 without a division per row
@@ -230,8 +238,13 @@ def _planes_affine_part(x, center, scale, shift, y, u0, u1):
         m = center[c]
         s = scale[c]
         t = shift[c]
-        for b in range(b_len):
-            yr[b] = (xr[b] - m) * s + t
+        if relu:
+            for b in range(b_len):
+                v = (xr[b] - m) * s + t
+                yr[b] = z if v <= z else v
+        else:
+            for b in range(b_len):
+                yr[b] = (xr[b] - m) * s + t
         c += 1
         if c == c_len:
             c = 0
@@ -239,28 +252,29 @@ def _planes_affine_part(x, center, scale, shift, y, u0, u1):
 
 
 @njit(cache=True, parallel=True)
-def _rows_affine_par(x, center, scale, shift, y, nthreads):
+def _rows_affine_par(x, center, scale, shift, y, nthreads, relu):
     per, parts = _split(x.shape[0], nthreads)
     for k in prange(parts):
-        _rows_affine_part(x, center, scale, shift, y, k * per, min(x.shape[0], (k + 1) * per))
+        a1 = min(x.shape[0], (k + 1) * per)
+        _rows_affine_part(x, center, scale, shift, y, k * per, a1, relu)
 
 
 @njit(cache=True)
-def _rows_affine_ser(x, center, scale, shift, y):
-    _rows_affine_part(x, center, scale, shift, y, 0, x.shape[0])
+def _rows_affine_ser(x, center, scale, shift, y, relu):
+    _rows_affine_part(x, center, scale, shift, y, 0, x.shape[0], relu)
 
 
 @njit(cache=True, parallel=True)
-def _planes_affine_par(x, center, scale, shift, y, nthreads):
+def _planes_affine_par(x, center, scale, shift, y, nthreads, relu):
     n = x.shape[0] * x.shape[1]
     per, parts = _split(n, nthreads)
     for k in prange(parts):
-        _planes_affine_part(x, center, scale, shift, y, k * per, min(n, (k + 1) * per))
+        _planes_affine_part(x, center, scale, shift, y, k * per, min(n, (k + 1) * per), relu)
 
 
 @njit(cache=True)
-def _planes_affine_ser(x, center, scale, shift, y):
-    _planes_affine_part(x, center, scale, shift, y, 0, x.shape[0] * x.shape[1])
+def _planes_affine_ser(x, center, scale, shift, y, relu):
+    _planes_affine_part(x, center, scale, shift, y, 0, x.shape[0] * x.shape[1], relu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,21 +301,21 @@ def _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std):
 
 
 @njit(cache=True)
-def _rows_normalize_ser(x, mean, var, gamma, beta, eps, y, center, inv_std):
+def _rows_normalize_ser(x, mean, var, gamma, beta, eps, y, center, inv_std, relu):
     c_len = x.shape[1]
     scale = np.empty(c_len, x.dtype)
     shift = np.empty(c_len, x.dtype)
     _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
-    _rows_affine_part(x, center, scale, shift, y, 0, x.shape[0])
+    _rows_affine_part(x, center, scale, shift, y, 0, x.shape[0], relu)
 
 
 @njit(cache=True)
-def _planes_normalize_ser(x, mean, var, gamma, beta, eps, y, center, inv_std):
+def _planes_normalize_ser(x, mean, var, gamma, beta, eps, y, center, inv_std, relu):
     c_len = x.shape[1]
     scale = np.empty(c_len, x.dtype)
     shift = np.empty(c_len, x.dtype)
     _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
-    _planes_affine_part(x, center, scale, shift, y, 0, x.shape[0] * x.shape[1])
+    _planes_affine_part(x, center, scale, shift, y, 0, x.shape[0] * x.shape[1], relu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,8 +375,51 @@ def _rows_grad_sums_part(dy, x, center, a0, a1, sdy, sdx, t1, t2):
         a += 1
 
 
+@njit(cache=True, fastmath=_FM)
+def _rows_grad_sums_mpart(dy, x, ym, center, a0, a1, sdy, sdx, t1, t2):
+    """:func:`_rows_grad_sums_part` of the masked ``dy * (ym > 0)`` (the gradient through a
+    ReLU whose output is ``ym``; 0 where ``ym`` is 0 or NaN), four rows at a time."""
+    c_len = x.shape[1]
+    z = dy.dtype.type(0)
+    a = a0
+    while a + 4 <= a1:
+        g0 = dy[a]
+        g1 = dy[a + 1]
+        g2 = dy[a + 2]
+        g3 = dy[a + 3]
+        x0 = x[a]
+        x1 = x[a + 1]
+        x2 = x[a + 2]
+        x3 = x[a + 3]
+        y0 = ym[a]
+        y1 = ym[a + 1]
+        y2 = ym[a + 2]
+        y3 = ym[a + 3]
+        for c in range(c_len):
+            m = center[c]
+            d0 = g0[c] if y0[c] > z else z
+            d1 = g1[c] if y1[c] > z else z
+            d2 = g2[c] if y2[c] > z else z
+            d3 = g3[c] if y3[c] > z else z
+            t1[c] = (d0 + d1) + (d2 + d3)
+            t2[c] = (d0 * (x0[c] - m) + d1 * (x1[c] - m)) + (d2 * (x2[c] - m) + d3 * (x3[c] - m))
+        for c in range(c_len):
+            sdy[c] += t1[c]
+            sdx[c] += t2[c]
+        a += 4
+    while a < a1:
+        g0 = dy[a]
+        x0 = x[a]
+        y0 = ym[a]
+        for c in range(c_len):
+            d0 = g0[c] if y0[c] > z else z
+            sdy[c] += d0
+            sdx[c] += d0 * (x0[c] - center[c])
+        a += 1
+
+
 @njit(cache=True, parallel=True)
-def _rows_grad_sums_par(dy, x, center, nthreads):
+def _rows_grad_sums_par(dy, x, center, nthreads, ym):
     a_len, c_len = x.shape
     per, parts = _split(a_len, nthreads)
     sdy = np.zeros((parts, c_len))
@@ -371,7 +428,10 @@ def _rows_grad_sums_par(dy, x, center, nthreads):
         t1 = np.empty(c_len, x.dtype)
         t2 = np.empty(c_len, x.dtype)
         a1 = min(a_len, (k + 1) * per)
-        _rows_grad_sums_part(dy, x, center, k * per, a1, sdy[k], sdx[k], t1, t2)
+        if ym is None:
+            _rows_grad_sums_part(dy, x, center, k * per, a1, sdy[k], sdx[k], t1, t2)
+        else:
+            _rows_grad_sums_mpart(dy, x, ym, center, k * per, a1, sdy[k], sdx[k], t1, t2)
     for k in range(1, parts):
         sdy[0] += sdy[k]
         sdx[0] += sdx[k]
@@ -379,13 +439,16 @@ def _rows_grad_sums_par(dy, x, center, nthreads):
 
 
 @njit(cache=True)
-def _rows_grad_sums_ser(dy, x, center):
+def _rows_grad_sums_ser(dy, x, center, ym):
     c_len = x.shape[1]
     sdy = np.zeros(c_len)
     sdx = np.zeros(c_len)
     t1 = np.empty(c_len, x.dtype)
     t2 = np.empty(c_len, x.dtype)
-    _rows_grad_sums_part(dy, x, center, 0, x.shape[0], sdy, sdx, t1, t2)
+    if ym is None:
+        _rows_grad_sums_part(dy, x, center, 0, x.shape[0], sdy, sdx, t1, t2)
+    else:
+        _rows_grad_sums_mpart(dy, x, ym, center, 0, x.shape[0], sdy, sdx, t1, t2)
     return sdy, sdx
 
 
@@ -404,8 +467,34 @@ def _planes_grad_sums_part(dy, x, center, c, a0, a1):
     return t1, t2
 
 
+@njit(cache=True, fastmath=_FM)
+def _planes_grad_sums_mpart(dy, x, ym, center, c, a0, a1):
+    """:func:`_planes_grad_sums_part` of the masked ``dy * (ym > 0)``."""
+    b_len = x.shape[2]
+    m = center[c]
+    z = dy.dtype.type(0)
+    t1 = 0.0
+    t2 = 0.0
+    for a in range(a0, a1):
+        g = dy[a, c]
+        xr = x[a, c]
+        yr = ym[a, c]
+        for b in range(b_len):
+            d = g[b] if yr[b] > z else z
+            t1 += d
+            t2 += d * (xr[b] - m)
+    return t1, t2
+
+
+@njit(cache=True)
+def _planes_grad_sums_any(dy, x, center, c, a0, a1, ym):
+    if ym is None:
+        return _planes_grad_sums_part(dy, x, center, c, a0, a1)
+    return _planes_grad_sums_mpart(dy, x, ym, center, c, a0, a1)
+
+
 @njit(cache=True, parallel=True)
-def _planes_grad_sums_par(dy, x, center, nthreads):
+def _planes_grad_sums_par(dy, x, center, nthreads, ym):
     a_len, c_len, b_len = x.shape
     per, parts = _plane_parts(a_len, c_len, nthreads)
     sdy = np.empty((parts, c_len))
@@ -414,7 +503,7 @@ def _planes_grad_sums_par(dy, x, center, nthreads):
         k = u // c_len
         c = u - k * c_len
         a1 = min(a_len, (k + 1) * per)
-        sdy[k, c], sdx[k, c] = _planes_grad_sums_part(dy, x, center, c, k * per, a1)
+        sdy[k, c], sdx[k, c] = _planes_grad_sums_any(dy, x, center, c, k * per, a1, ym)
     for k in range(1, parts):
         sdy[0] += sdy[k]
         sdx[0] += sdx[k]
@@ -422,12 +511,12 @@ def _planes_grad_sums_par(dy, x, center, nthreads):
 
 
 @njit(cache=True)
-def _planes_grad_sums_ser(dy, x, center):
+def _planes_grad_sums_ser(dy, x, center, ym):
     c_len = x.shape[1]
     sdy = np.empty(c_len)
     sdx = np.empty(c_len)
     for c in range(c_len):
-        sdy[c], sdx[c] = _planes_grad_sums_part(dy, x, center, c, 0, x.shape[0])
+        sdy[c], sdx[c] = _planes_grad_sums_any(dy, x, center, c, 0, x.shape[0], ym)
     return sdy, sdx
 
 
@@ -436,19 +525,29 @@ def _planes_grad_sums_ser(dy, x, center):
 
 
 @njit(cache=True, fastmath=_FM)
-def _rows_grad_input_part(dy, x, center, p, q, r, dx, a0, a1):
+def _rows_grad_input_part(dy, x, center, p, q, r, dx, a0, a1, ym):
+    """``dx = p * dy + q * (x - center) + r``, with ``dy`` masked by ``ym > 0`` unless ``ym``
+    is None."""
     c_len = x.shape[1]
+    z = dy.dtype.type(0)
     for a in range(a0, a1):
         g = dy[a]
         xr = x[a]
         out = dx[a]
-        for c in range(c_len):
-            out[c] = p[c] * g[c] + q[c] * (xr[c] - center[c]) + r[c]
+        if ym is None:
+            for c in range(c_len):
+                out[c] = p[c] * g[c] + q[c] * (xr[c] - center[c]) + r[c]
+        else:
+            yr = ym[a]
+            for c in range(c_len):
+                gm = g[c] if yr[c] > z else z
+                out[c] = p[c] * gm + q[c] * (xr[c] - center[c]) + r[c]
 
 
 @njit(cache=True, fastmath=_FM)
-def _planes_grad_input_part(dy, x, center, p, q, r, dx, u0, u1):
+def _planes_grad_input_part(dy, x, center, p, q, r, dx, u0, u1, ym):
     c_len, b_len = x.shape[1], x.shape[2]
+    z = dy.dtype.type(0)
     a = u0 // c_len
     c = u0 - a * c_len
     for _ in range(u0, u1):
@@ -459,8 +558,14 @@ def _planes_grad_input_part(dy, x, center, p, q, r, dx, u0, u1):
         pc = p[c]
         qc = q[c]
         rc = r[c]
-        for b in range(b_len):
-            out[b] = pc * g[b] + qc * (xr[b] - m) + rc
+        if ym is None:
+            for b in range(b_len):
+                out[b] = pc * g[b] + qc * (xr[b] - m) + rc
+        else:
+            yr = ym[a, c]
+            for b in range(b_len):
+                gm = g[b] if yr[b] > z else z
+                out[b] = pc * gm + qc * (xr[b] - m) + rc
         c += 1
         if c == c_len:
             c = 0
@@ -468,29 +573,30 @@ def _planes_grad_input_part(dy, x, center, p, q, r, dx, u0, u1):
 
 
 @njit(cache=True, parallel=True)
-def _rows_grad_input_par(dy, x, center, p, q, r, dx, nthreads):
+def _rows_grad_input_par(dy, x, center, p, q, r, dx, nthreads, ym):
     per, parts = _split(x.shape[0], nthreads)
     for k in prange(parts):
         a1 = min(x.shape[0], (k + 1) * per)
-        _rows_grad_input_part(dy, x, center, p, q, r, dx, k * per, a1)
+        _rows_grad_input_part(dy, x, center, p, q, r, dx, k * per, a1, ym)
 
 
 @njit(cache=True)
-def _rows_grad_input_ser(dy, x, center, p, q, r, dx):
-    _rows_grad_input_part(dy, x, center, p, q, r, dx, 0, x.shape[0])
+def _rows_grad_input_ser(dy, x, center, p, q, r, dx, ym):
+    _rows_grad_input_part(dy, x, center, p, q, r, dx, 0, x.shape[0], ym)
 
 
 @njit(cache=True, parallel=True)
-def _planes_grad_input_par(dy, x, center, p, q, r, dx, nthreads):
+def _planes_grad_input_par(dy, x, center, p, q, r, dx, nthreads, ym):
     n = x.shape[0] * x.shape[1]
     per, parts = _split(n, nthreads)
     for k in prange(parts):
-        _planes_grad_input_part(dy, x, center, p, q, r, dx, k * per, min(n, (k + 1) * per))
+        a1 = min(n, (k + 1) * per)
+        _planes_grad_input_part(dy, x, center, p, q, r, dx, k * per, a1, ym)
 
 
 @njit(cache=True)
-def _planes_grad_input_ser(dy, x, center, p, q, r, dx):
-    _planes_grad_input_part(dy, x, center, p, q, r, dx, 0, x.shape[0] * x.shape[1])
+def _planes_grad_input_ser(dy, x, center, p, q, r, dx, ym):
+    _planes_grad_input_part(dy, x, center, p, q, r, dx, 0, x.shape[0] * x.shape[1], ym)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,24 +615,24 @@ def _all_finite(mean, var):
 
 
 @njit(cache=True)
-def _rows_train_ser(x, gamma, beta, eps, y, center, inv_std):
+def _rows_train_ser(x, gamma, beta, eps, y, center, inv_std, relu):
     mean, var = _rows_moments_ser(x)
     c_len = x.shape[1]
     scale = np.empty(c_len, x.dtype)
     shift = np.empty(c_len, x.dtype)
     _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
-    _rows_affine_part(x, center, scale, shift, y, 0, x.shape[0])
+    _rows_affine_part(x, center, scale, shift, y, 0, x.shape[0], relu)
     return mean, var, _all_finite(mean, var)
 
 
 @njit(cache=True)
-def _planes_train_ser(x, gamma, beta, eps, y, center, inv_std):
+def _planes_train_ser(x, gamma, beta, eps, y, center, inv_std, relu):
     mean, var = _planes_moments_ser(x)
     c_len = x.shape[1]
     scale = np.empty(c_len, x.dtype)
     shift = np.empty(c_len, x.dtype)
     _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
-    _planes_affine_part(x, center, scale, shift, y, 0, x.shape[0] * x.shape[1])
+    _planes_affine_part(x, center, scale, shift, y, 0, x.shape[0] * x.shape[1], relu)
     return mean, var, _all_finite(mean, var)
 
 
@@ -550,26 +656,28 @@ def _backward_coefs(sdy, sdx, center, mean, inv_std, gamma, count, training, p, 
 
 
 @njit(cache=True)
-def _rows_backward_ser(dy, x, center, mean, inv_std, gamma, count, training, dx, dgamma):
-    sdy, sdx = _rows_grad_sums_ser(dy, x, center)
+def _rows_backward_ser(dy, x, center, mean, inv_std, gamma, count, training, dx, dgamma, ym):
+    sdy, sdx = _rows_grad_sums_ser(dy, x, center, ym)
     c_len = x.shape[1]
     p = np.empty(c_len, x.dtype)
     q = np.empty(c_len, x.dtype)
     r = np.empty(c_len, x.dtype)
     _backward_coefs(sdy, sdx, center, mean, inv_std, gamma, count, training, p, q, r, dgamma)
-    _rows_grad_input_part(dy, x, center, p, q, r, dx, 0, x.shape[0])
+    _rows_grad_input_part(dy, x, center, p, q, r, dx, 0, x.shape[0], ym)
     return sdy
 
 
 @njit(cache=True)
-def _planes_backward_ser(dy, x, center, mean, inv_std, gamma, count, training, dx, dgamma):
-    sdy, sdx = _planes_grad_sums_ser(dy, x, center)
+def _planes_backward_ser(
+    dy, x, center, mean, inv_std, gamma, count, training, dx, dgamma, ym
+):
+    sdy, sdx = _planes_grad_sums_ser(dy, x, center, ym)
     c_len = x.shape[1]
     p = np.empty(c_len, x.dtype)
     q = np.empty(c_len, x.dtype)
     r = np.empty(c_len, x.dtype)
     _backward_coefs(sdy, sdx, center, mean, inv_std, gamma, count, training, p, q, r, dgamma)
-    _planes_grad_input_part(dy, x, center, p, q, r, dx, 0, x.shape[0] * x.shape[1])
+    _planes_grad_input_part(dy, x, center, p, q, r, dx, 0, x.shape[0] * x.shape[1], ym)
     return sdy
 
 
@@ -634,6 +742,19 @@ def _vec(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=dtype)
 
 
+def _new(x3: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """A new output like `x3`, or `out`: a C-contiguous array of x3's shape and dtype that the
+    caller checked (it shares no memory with the inputs)."""
+    return np.empty_like(x3) if out is None else out
+
+
+def _mask(mask: np.ndarray | None, x3: np.ndarray) -> np.ndarray | None:
+    """The ReLU output that masks ``dy`` (in x3's dtype and layout), or None."""
+    if mask is None:
+        return None
+    return _data(mask if mask.dtype is x3.dtype else mask.astype(x3.dtype))
+
+
 def _threads(size: int) -> int:
     """Threads for a call on ``size`` elements; 1 means the serial driver."""
     return 1 if size < _SERIAL_BELOW else numba.get_num_threads()
@@ -662,26 +783,34 @@ class NumbaBackend(Backend):
         return _planes_moments_ser(x3) if nt == 1 else _planes_moments_par(x3, nt)
 
     def affine(
-        self, x3: np.ndarray, center: np.ndarray, scale: np.ndarray, shift: np.ndarray
+        self,
+        x3: np.ndarray,
+        center: np.ndarray,
+        scale: np.ndarray,
+        shift: np.ndarray,
+        *,
+        relu: bool = False,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         x3 = _data(x3)
-        y = np.empty_like(x3)
+        y = _new(x3, out)
         if x3.size == 0:
             return y
         dt = x3.dtype
         args = (_vec(center, dt), _vec(scale, dt), _vec(shift, dt))
+        relu = bool(relu)
         nt = _threads(x3.size)
         a_len, c_len, b_len = x3.shape
         if b_len == 1:
             x2, y2 = x3.reshape(a_len, c_len), y.reshape(a_len, c_len)
             if nt == 1:
-                _rows_affine_ser(x2, *args, y2)
+                _rows_affine_ser(x2, *args, y2, relu)
             else:
-                _rows_affine_par(x2, *args, y2, nt)
+                _rows_affine_par(x2, *args, y2, nt, relu)
         elif nt == 1:
-            _planes_affine_ser(x3, *args, y)
+            _planes_affine_ser(x3, *args, y, relu)
         else:
-            _planes_affine_par(x3, *args, y, nt)
+            _planes_affine_par(x3, *args, y, nt, relu)
         return y
 
     def normalize(
@@ -692,6 +821,9 @@ class NumbaBackend(Backend):
         gamma: np.ndarray | None,
         beta: np.ndarray | None,
         eps: float,
+        *,
+        relu: bool = False,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """``functional.normalize_with_stats`` in compiled code: the per-feature coefficients
         and the ``affine`` pass (small inputs: one call for both).
@@ -707,7 +839,8 @@ class NumbaBackend(Backend):
             if v is not None and (type(v) is not np.ndarray or v.dtype not in _VEC_DTYPES):
                 return None
         x3 = _data(x3)
-        y = np.empty_like(x3)
+        y = _new(x3, out)
+        relu = bool(relu)
         a_len, c_len, b_len = x3.shape
         # Allocated here: handing new arrays back from a compiled call costs more.
         center = np.empty(c_len, x3.dtype)
@@ -716,36 +849,45 @@ class NumbaBackend(Backend):
         if nt == 1:
             if b_len == 1:
                 x2, y2 = x3.reshape(a_len, c_len), y.reshape(a_len, c_len)
-                _rows_normalize_ser(x2, *vecs, float(eps), y2, center, inv_std)
+                _rows_normalize_ser(x2, *vecs, float(eps), y2, center, inv_std, relu)
             else:
-                _planes_normalize_ser(x3, *vecs, float(eps), y, center, inv_std)
+                _planes_normalize_ser(x3, *vecs, float(eps), y, center, inv_std, relu)
             return y, center, inv_std
         scale = np.empty(c_len, x3.dtype)
         shift = np.empty(c_len, x3.dtype)
         _coefs(*vecs, float(eps), center, scale, shift, inv_std)
         if b_len == 1:
             x2, y2 = x3.reshape(a_len, c_len), y.reshape(a_len, c_len)
-            _rows_affine_par(x2, center, scale, shift, y2, nt)
+            _rows_affine_par(x2, center, scale, shift, y2, nt, relu)
         else:
-            _planes_affine_par(x3, center, scale, shift, y, nt)
+            _planes_affine_par(x3, center, scale, shift, y, nt, relu)
         return y, center, inv_std
 
     def grad_sums(
-        self, dy3: np.ndarray, x3: np.ndarray, center: np.ndarray
+        self,
+        dy3: np.ndarray,
+        x3: np.ndarray,
+        center: np.ndarray,
+        *,
+        mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         x3 = _data(x3)
         dy3 = _data(dy3.astype(x3.dtype, copy=False))
         a_len, c_len, b_len = x3.shape
         if x3.size == 0:
             return np.zeros(c_len), np.zeros(c_len)
+        ym = _mask(mask, x3)
         cen = _vec(center, x3.dtype)
         nt = _threads(x3.size)
         if b_len == 1:
             shape = (a_len, c_len)
+            ym = None if ym is None else ym.reshape(shape)
             args = (dy3.reshape(shape), x3.reshape(shape), cen)
-            return _rows_grad_sums_ser(*args) if nt == 1 else _rows_grad_sums_par(*args, nt)
+            if nt == 1:
+                return _rows_grad_sums_ser(*args, ym)
+            return _rows_grad_sums_par(*args, nt, ym)
         args = (dy3, x3, cen)
-        return _planes_grad_sums_ser(*args) if nt == 1 else _planes_grad_sums_par(*args, nt)
+        return _planes_grad_sums_ser(*args, ym) if nt == 1 else _planes_grad_sums_par(*args, nt, ym)
 
     def grad_input(
         self,
@@ -755,31 +897,43 @@ class NumbaBackend(Backend):
         p: np.ndarray,
         q: np.ndarray,
         r: np.ndarray,
+        *,
+        mask: np.ndarray | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         x3 = _data(x3)
         dy3 = _data(dy3.astype(x3.dtype, copy=False))
-        dx = np.empty_like(x3)
+        dx = _new(x3, out)
         if x3.size == 0:
             return dx
+        ym = _mask(mask, x3)
         dt = x3.dtype
         vecs = (_vec(center, dt), _vec(p, dt), _vec(q, dt), _vec(r, dt))
         nt = _threads(x3.size)
         a_len, c_len, b_len = x3.shape
         if b_len == 1:
             shape = (a_len, c_len)
+            ym = None if ym is None else ym.reshape(shape)
             args = (dy3.reshape(shape), x3.reshape(shape), *vecs, dx.reshape(shape))
             if nt == 1:
-                _rows_grad_input_ser(*args)
+                _rows_grad_input_ser(*args, ym)
             else:
-                _rows_grad_input_par(*args, nt)
+                _rows_grad_input_par(*args, nt, ym)
         elif nt == 1:
-            _planes_grad_input_ser(dy3, x3, *vecs, dx)
+            _planes_grad_input_ser(dy3, x3, *vecs, dx, ym)
         else:
-            _planes_grad_input_par(dy3, x3, *vecs, dx, nt)
+            _planes_grad_input_par(dy3, x3, *vecs, dx, nt, ym)
         return dx
 
     def train_forward(
-        self, x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float
+        self,
+        x3: np.ndarray,
+        gamma: np.ndarray | None,
+        beta: np.ndarray | None,
+        eps: float,
+        *,
+        relu: bool = False,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool] | None:
         """``moments`` and ``normalize`` in one serial call, for small inputs (None for the
         others, and for float16 or non-array vectors)."""
@@ -795,17 +949,18 @@ class NumbaBackend(Backend):
         # variants.
         gamma = np.ones(c_len, dt) if gamma is None else gamma
         beta = np.zeros(c_len, dt) if beta is None else beta
-        y = np.empty_like(x3)
+        y = _new(x3, out)
         center = np.empty(c_len, dt)
         inv_std = np.empty(c_len)
+        relu = bool(relu)
         if b_len == 1:
             mean, var, finite = _rows_train_ser(
                 x3.reshape(a_len, c_len), gamma, beta, float(eps), y.reshape(a_len, c_len),
-                center, inv_std,
+                center, inv_std, relu,
             )
         else:
             mean, var, finite = _planes_train_ser(
-                x3, gamma, beta, float(eps), y, center, inv_std
+                x3, gamma, beta, float(eps), y, center, inv_std, relu
             )
         return y, mean, var, center, inv_std, finite
 
@@ -819,6 +974,9 @@ class NumbaBackend(Backend):
         gamma: np.ndarray | None,
         count: int,
         training: bool,
+        *,
+        mask: np.ndarray | None = None,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """``grad_sums``, the parameter gradients and ``grad_input`` in one serial call, for
         small inputs (None for the others)."""
@@ -828,18 +986,20 @@ class NumbaBackend(Backend):
         x3 = _data(x3)
         dt = x3.dtype
         dy3 = _data(dy3 if dy3.dtype is dt else dy3.astype(dt))
+        ym = _mask(mask, x3)
         a_len, c_len, b_len = x3.shape
         gamma = np.ones(c_len, dt) if gamma is None else gamma
-        dx = np.empty_like(x3)
+        dx = _new(x3, out)
         dgamma = np.empty(c_len)
         args = (center, mean, inv_std, gamma, float(count), bool(training))
         if b_len == 1:
             shape = (a_len, c_len)
+            ym = None if ym is None else ym.reshape(shape)
             dbeta = _rows_backward_ser(
-                dy3.reshape(shape), x3.reshape(shape), *args, dx.reshape(shape), dgamma
+                dy3.reshape(shape), x3.reshape(shape), *args, dx.reshape(shape), dgamma, ym
             )
         else:
-            dbeta = _planes_backward_ser(dy3, x3, *args, dx, dgamma)
+            dbeta = _planes_backward_ser(dy3, x3, *args, dx, dgamma, ym)
         return dx, dgamma, dbeta
 
     def running_update(

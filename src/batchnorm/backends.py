@@ -11,25 +11,33 @@ data, which is where the time goes:
 
 ``moments(x3) -> (mean, var)``
     Per-feature mean and biased variance, float64, exact for data with a large mean.
-``affine(x3, center, scale, shift) -> y3``
-    ``y = (x - center) * scale + shift``.
-``grad_sums(dy3, x3, center) -> (sum_dy, sum_dy_xc)``
+``affine(x3, center, scale, shift, *, relu=False, out=None) -> y3``
+    ``y = (x - center) * scale + shift``; with ``relu``, ``max(y, 0)`` (NaN stays NaN).
+``grad_sums(dy3, x3, center, *, mask=None) -> (sum_dy, sum_dy_xc)``
     ``sum(dy)`` and ``sum(dy * (x - center))`` per feature, float64.
-``grad_input(dy3, x3, center, p, q, r) -> dx3``
+``grad_input(dy3, x3, center, p, q, r, *, mask=None, out=None) -> dx3``
     ``dx = p * dy + q * (x - center) + r``.
+
+The fused activation: ``relu=True`` writes ``relu(y)``; ``mask`` is that output (shape of
+``x3``), and ``grad_sums`` and ``grad_input`` then use ``dy * (mask > 0)`` in place of ``dy``,
+the gradient through the ReLU (0 where the output is 0, as PyTorch's and the toolkit's ReLU),
+without forming it. ``out`` is where to write the result: a C-contiguous array of the shape
+and dtype of ``x3`` that shares no memory with the inputs (the caller checks); None allocates.
 
 Three optional fused methods let a backend do more in one call where per-call work dominates
 (small inputs). Each returns None to leave the input to the generic code, which is what the
 base class :class:`Backend` does:
 
-``normalize(x3, mean, var, gamma, beta, eps) -> (y3, center, inv_std) | None``
+``normalize(x3, mean, var, gamma, beta, eps, *, relu, out) -> (y3, center, inv_std) | None``
     All of :func:`batchnorm.functional.normalize_with_stats` (per-feature coefficients and
     ``affine``), bit for bit as the generic code would.
-``train_forward(x3, gamma, beta, eps) -> (y3, mean, var, center, inv_std, finite) | None``
-    ``moments`` followed by ``normalize``: the whole training forward of a local batch;
-    ``finite`` tells whether ``mean`` and ``var`` are all finite.
-``backward(dy3, x3, center, mean, inv_std, gamma, count, training) -> (dx3, dgamma, dbeta) | None``
-    ``grad_sums``, the parameter gradients (float64) and ``grad_input`` of a local batch.
+``train_forward(x3, gamma, beta, eps, *, relu, out)``
+    ``-> (y3, mean, var, center, inv_std, finite) | None``: ``moments`` followed by
+    ``normalize``: the whole training forward of a local batch; ``finite`` tells whether
+    ``mean`` and ``var`` are all finite.
+``backward(dy3, x3, center, mean, inv_std, gamma, count, training, *, mask, out)``
+    ``-> (dx3, dgamma, dbeta) | None``: ``grad_sums``, the parameter gradients (float64) and
+    ``grad_input`` of a local batch.
 ``running_update(running_mean, running_var, mean, var, count, w_new, unbiased)``
     ``-> (new_mean, new_var, finite) | None``:
     What :func:`batchnorm.functional.update_running_stats` computes, bit for bit, and whether
@@ -63,12 +71,24 @@ class Backend:
         raise NotImplementedError
 
     def affine(
-        self, x3: np.ndarray, center: np.ndarray, scale: np.ndarray, shift: np.ndarray
+        self,
+        x3: np.ndarray,
+        center: np.ndarray,
+        scale: np.ndarray,
+        shift: np.ndarray,
+        *,
+        relu: bool = False,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         raise NotImplementedError
 
     def grad_sums(
-        self, dy3: np.ndarray, x3: np.ndarray, center: np.ndarray
+        self,
+        dy3: np.ndarray,
+        x3: np.ndarray,
+        center: np.ndarray,
+        *,
+        mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
@@ -80,6 +100,9 @@ class Backend:
         p: np.ndarray,
         q: np.ndarray,
         r: np.ndarray,
+        *,
+        mask: np.ndarray | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         raise NotImplementedError
 
@@ -92,11 +115,21 @@ class Backend:
         gamma: np.ndarray | None,
         beta: np.ndarray | None,
         eps: float,
+        *,
+        relu: bool = False,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         return None
 
     def train_forward(
-        self, x3: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float
+        self,
+        x3: np.ndarray,
+        gamma: np.ndarray | None,
+        beta: np.ndarray | None,
+        eps: float,
+        *,
+        relu: bool = False,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool] | None:
         return None
 
@@ -110,6 +143,9 @@ class Backend:
         gamma: np.ndarray | None,
         count: int,
         training: bool,
+        *,
+        mask: np.ndarray | None = None,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         return None
 
@@ -158,21 +194,30 @@ class NumpyBackend(Backend):
         return mean.astype(x3.dtype).astype(np.float64) + s1, var
 
     @_quiet
-    def affine(self, x3, center, scale, shift):
-        y = x3 - _col(center)
+    def affine(self, x3, center, scale, shift, *, relu=False, out=None):
+        y = np.subtract(x3, _col(center), out=out)
         y *= _col(scale)
         y += _col(shift)
+        if relu:
+            np.maximum(y, 0, out=y)  # NaN stays NaN, as in PyTorch's relu
         return y
 
+    @staticmethod
+    def _masked(dy3, mask):
+        """``dy * (mask > 0)``: the gradient through a ReLU whose output is `mask`."""
+        return dy3 if mask is None else np.where(mask > 0, dy3, dy3.dtype.type(0))
+
     @_quiet
-    def grad_sums(self, dy3, x3, center):
+    def grad_sums(self, dy3, x3, center, *, mask=None):
+        dy3 = self._masked(dy3, mask)
         xc = x3 - _col(center)
         xc *= dy3
         return dy3.sum(axis=(0, 2), dtype=np.float64), xc.sum(axis=(0, 2), dtype=np.float64)
 
     @_quiet
-    def grad_input(self, dy3, x3, center, p, q, r):
-        dx = x3 - _col(center)
+    def grad_input(self, dy3, x3, center, p, q, r, *, mask=None, out=None):
+        dy3 = self._masked(dy3, mask)
+        dx = np.subtract(x3, _col(center), out=out)
         dx *= _col(q)
         dx += _col(p) * dy3
         dx += _col(r)

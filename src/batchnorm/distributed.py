@@ -315,8 +315,10 @@ class SyncBatchNorm(BatchNorm):
         ``MPI_Abort`` (ending every rank of the job). None waits forever, with blocking
         collectives (slightly faster); see the module notes for what happens when a rank dies.
     **kwargs
-        ``axis, eps, momentum, affine, track_running_stats, unbiased, dtype, backend`` as in
-        :class:`~batchnorm.BatchNorm`.
+        ``axis, eps, momentum, affine, track_running_stats, unbiased, dtype, backend,
+        activation, reuse_outputs`` as in :class:`~batchnorm.BatchNorm` (a fused activation
+        is applied to the output of the global batch's normalization, its mask in the
+        backward before the gradient sums are reduced).
 
     Notes
     -----
@@ -358,6 +360,8 @@ class SyncBatchNorm(BatchNorm):
         unbiased: bool = False,
         dtype: Any = np.float32,
         backend: str | Backend | None = None,
+        activation: str | None = None,
+        reuse_outputs: bool = False,
     ) -> None:
         MPI = _mpi()
         if comm is None:
@@ -369,7 +373,7 @@ class SyncBatchNorm(BatchNorm):
         super().__init__(
             num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
             track_running_stats=track_running_stats, unbiased=unbiased, dtype=dtype,
-            backend=backend,
+            backend=backend, activation=activation, reuse_outputs=reuse_outputs,
         )
         self.comm = comm
         self.timeout = None if timeout is None else float(timeout)

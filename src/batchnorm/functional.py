@@ -17,6 +17,11 @@ Backward, the compact form::
 
 Inference uses given statistics (running averages) in place of the batch ones; its backward is
 that of a fixed affine map: ``dx = gamma / sqrt(var + eps) * dy``.
+
+The fused activation (``activation="relu"``) returns ``y' = max(y, 0)`` from the same pass that
+writes ``y``, and its backward is batch norm's with ``dy`` replaced by ``dy * (y' > 0)`` (the
+derivative of the ReLU is taken as 0 at 0, as PyTorch's and the toolkit's ``ReLU`` do). The
+mask is read from the output ``y'``, which the cache keeps, inside the two gradient passes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .checks import check_dy, check_eps, check_input, check_momentum, check_vect
 from .reducers import LOCAL, Reducer, all_finite, nonfinite_error
 
 __all__ = [
+    "ACTIVATIONS",
     "BatchNormCache",
     "backward",
     "batch_norm_backward",
@@ -45,6 +51,73 @@ __all__ = [
 
 # NaN and Inf propagate by design; the layers decide what to do with them.
 _quiet = np.errstate(invalid="ignore", over="ignore", divide="ignore")
+
+ACTIVATIONS = (None, "relu")
+"""The activations that can be fused into batch norm's passes."""
+
+
+def check_activation(activation) -> str | None:
+    """`activation` as one of :data:`ACTIVATIONS`.
+
+    Raises
+    ------
+    TypeError
+        For anything else than a string or None.
+    ValueError
+        For an unknown name.
+    """
+    if activation is None:
+        return None
+    if not isinstance(activation, str):
+        raise TypeError(f"expected activation None or 'relu', got {activation!r}")
+    name = activation.lower()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"expected activation None or 'relu', got {activation!r}")
+    return name
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether `a` and `b` share memory (exactly where that is cheap to decide, else when
+    their address ranges overlap)."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=10**6))
+    except np.exceptions.TooHardError:
+        return True
+
+
+def check_out(
+    out, name: str, shape: tuple[int, ...], dtype: np.dtype, inputs: dict[str, np.ndarray]
+) -> np.ndarray:
+    """`out` checked as a buffer for a kernel's output `name`: an ndarray of `shape` and
+    `dtype`, C-contiguous, writeable, sharing no memory with any of `inputs` (which the
+    kernel still reads while it writes).
+
+    Raises
+    ------
+    TypeError
+        For anything else than an ndarray, or another dtype.
+    ValueError
+        For another shape, a non-contiguous or read-only array, or one that overlaps an input.
+    """
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"expected out to be an ndarray for {name}, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"expected out of shape {tuple(shape)} for {name}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"expected out of dtype {np.dtype(dtype).name} for {name}, got {out.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"expected a C-contiguous out for {name}, got a non-contiguous array")
+    if not out.flags.writeable:
+        raise ValueError(f"expected a writeable out for {name}, got a read-only array")
+    for label, arr in inputs.items():
+        if arr is not None and _overlap(out, arr):
+            raise ValueError(
+                f"expected out for {name} to share no memory with {label}, which the kernel "
+                f"still reads while it writes {name}; got overlapping arrays"
+            )
+    return out
 
 
 @dataclass(eq=False)
@@ -73,6 +146,12 @@ class BatchNormCache:
         The input's shape and dtype, the feature axis (non-negative), eps.
     backend, reducer
         What computed the forward; backward uses the same.
+    activation : {None, "relu"}
+        The activation fused into the forward.
+    y3 : ndarray of shape (A, C, B) or None
+        With an activation: the forward's output ``relu(y)`` in the compute dtype (the same
+        array as the returned output unless it had to be converted), whose sign is the mask of
+        the backward. It must not be modified before the backward.
     """
 
     mean: np.ndarray
@@ -91,6 +170,8 @@ class BatchNormCache:
     eps: float
     backend: Backend = field(repr=False)
     reducer: Reducer = field(repr=False)
+    activation: str | None = None
+    y3: np.ndarray | None = field(default=None, repr=False)
 
 
 def as_3d(x: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
@@ -127,13 +208,16 @@ def normalize_with_stats(
     beta: np.ndarray | None,
     eps: float,
     backend: Backend,
+    relu: bool = False,
+    out3: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``y3 = gamma * (x3 - mean) / sqrt(var + eps) + beta`` per feature.
+    """``y3 = gamma * (x3 - mean) / sqrt(var + eps) + beta`` per feature (``max(y3, 0)`` with
+    `relu`), written into `out3` when given.
 
     Returns ``(y3, center, inv_std)``: the float part of the mean the backend subtracted and
     the float64 inverse standard deviation, both needed by the backward pass.
     """
-    fused = backend.normalize(x3, mean, var, gamma, beta, eps)
+    fused = backend.normalize(x3, mean, var, gamma, beta, eps, relu=relu, out=out3)
     if fused is not None:
         return fused
     return _normalize_generic(x3, mean, var, gamma, beta, eps, backend)
@@ -153,7 +237,7 @@ def _normalize_generic(x3, mean, var, gamma, beta, eps, backend):
     np.negative(shift, out=shift)
     if beta is not None:
         shift += beta
-    y3 = backend.affine(x3, center, g.astype(dtype), shift.astype(dtype))
+    y3 = backend.affine(x3, center, g.astype(dtype), shift.astype(dtype), relu=relu, out=out3)
     return y3, center, inv_std
 
 
@@ -169,9 +253,14 @@ def param_grads(
 
 @_quiet
 def input_grad(
-    cache: BatchNormCache, dy3: np.ndarray, dgamma: np.ndarray, dbeta: np.ndarray
+    cache: BatchNormCache,
+    dy3: np.ndarray,
+    dgamma: np.ndarray,
+    dbeta: np.ndarray,
+    out3: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``dx3`` from ``dy3`` and the parameter gradients of the whole batch (float64)."""
+    """``dx3`` from ``dy3`` and the parameter gradients of the whole batch (float64), written
+    into `out3` when given; ``dy3`` masked by the ReLU of a fused activation."""
     dtype = cache.x3.dtype
     inv_std = cache.inv_std
     k = inv_std if cache.gamma is None else cache.gamma.astype(np.float64) * inv_std
@@ -185,13 +274,28 @@ def input_grad(
         q = np.zeros_like(k)
         r = q
     return cache.backend.grad_input(
-        dy3, cache.x3, cache.center, k.astype(dtype), q.astype(dtype), r.astype(dtype)
+        dy3, cache.x3, cache.center, k.astype(dtype), q.astype(dtype), r.astype(dtype),
+        mask=cache.y3, out=out3,
     )
 
 
-def _output(y3: np.ndarray, x: np.ndarray) -> np.ndarray:
-    y = y3.reshape(x.shape)
-    return y if y.dtype is x.dtype else y.astype(x.dtype)
+def _out3(out: np.ndarray | None, axis: int, dtype: np.dtype) -> np.ndarray | None:
+    """The (A, C, B) view of a checked output buffer that the backend can write directly
+    (one of the compute dtype); None for none or one that needs a conversion (float16)."""
+    if out is None or out.dtype != dtype:
+        return None
+    return as_3d(out, axis, dtype)
+
+
+def _output(
+    y3: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, out: np.ndarray | None = None
+) -> np.ndarray:
+    y = y3.reshape(shape)
+    if out is not None:
+        if not np.may_share_memory(y, out):  # computed elsewhere (float16): convert into out
+            np.copyto(out, y, casting="unsafe")
+        return out
+    return y if y.dtype is dtype else y.astype(dtype)
 
 
 def train_forward(
@@ -206,12 +310,15 @@ def train_forward(
     min_count: int = 1,
     check_finite: bool = False,
     axis_label: int | None = None,
+    activation: str | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, BatchNormCache]:
     """The training forward of every layer and kernel, on checked arguments.
 
     Batch statistics from `reducer` (or, for a local reducer, from the backend's fused kernel
-    where it has one), then the normalize pass. `axis` must be a non-negative index and
-    `gamma`, `beta` vectors of ``x.shape[axis]`` values (or None).
+    where it has one), then the normalize pass (with the fused `activation`, into `out` when
+    given). `axis` must be a non-negative index, `gamma`, `beta` vectors of ``x.shape[axis]``
+    values (or None), `activation` checked, `out` checked with :func:`check_out`.
 
     Raises
     ------
@@ -221,9 +328,11 @@ def train_forward(
     """
     x3 = as_3d(x, axis, compute_dtype(x.dtype))
     count = x3.shape[0] * x3.shape[2]
+    relu = activation == "relu"
+    out3 = _out3(out, axis, x3.dtype)
     fused = None
     if reducer.local and count >= min_count:
-        fused = backend.train_forward(x3, gamma, beta, eps)
+        fused = backend.train_forward(x3, gamma, beta, eps, relu=relu, out=out3)
     if fused is None:
         count, mean, var = reducer.moments(
             backend, x3, check_finite=check_finite, shape=x.shape
@@ -231,7 +340,9 @@ def train_forward(
         if count < min_count:
             label = axis if axis_label is None else axis_label
             raise _count_error(count, min_count, x.shape, label)
-        y3, center, inv_std = normalize_with_stats(x3, mean, var, gamma, beta, eps, backend)
+        y3, center, inv_std = normalize_with_stats(
+            x3, mean, var, gamma, beta, eps, backend, relu, out3
+        )
     else:
         y3, mean, var, center, inv_std, finite = fused
         if check_finite and not finite:
@@ -253,8 +364,10 @@ def train_forward(
         eps=eps,
         backend=backend,
         reducer=reducer,
+        activation=activation,
+        y3=y3 if relu else None,
     )
-    return _output(y3, x), cache
+    return _output(y3, x.shape, x.dtype, out), cache
 
 
 def inference_forward(
@@ -268,13 +381,19 @@ def inference_forward(
     backend: Backend,
     *,
     keep_cache: bool = True,
+    activation: str | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, BatchNormCache | None]:
     """The inference forward (given statistics) of every layer and kernel, on checked
-    arguments; the cache (for the gradient of this fixed transform) only with `keep_cache`."""
+    arguments; the cache (for the gradient of this fixed transform) only with `keep_cache`.
+    `activation` and `out` as in :func:`train_forward`."""
     x3 = as_3d(x, axis, compute_dtype(x.dtype))
-    y3, center, inv_std = normalize_with_stats(x3, mean, var, gamma, beta, eps, backend)
+    relu = activation == "relu"
+    y3, center, inv_std = normalize_with_stats(
+        x3, mean, var, gamma, beta, eps, backend, relu, _out3(out, axis, x3.dtype)
+    )
     if not keep_cache:
-        return _output(y3, x), None
+        return _output(y3, x.shape, x.dtype, out), None
     cache = BatchNormCache(
         mean=np.array(mean, dtype=np.float64),
         var=np.array(var, dtype=np.float64),
@@ -292,36 +411,43 @@ def inference_forward(
         eps=eps,
         backend=backend,
         reducer=LOCAL,
+        activation=activation,
+        y3=y3 if relu else None,
     )
-    return _output(y3, x), cache
+    return _output(y3, x.shape, x.dtype, out), cache
 
 
-def backward(dy: np.ndarray, cache: BatchNormCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def backward(
+    dy: np.ndarray, cache: BatchNormCache, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The backward of every layer and kernel, on a checked `dy`: ``(dx, dgamma, dbeta)`` with
-    ``dx`` in the input's dtype and the parameter gradients in float64 (this process's share
-    for a reducer that communicates; ``dx`` uses the sums over all processes)."""
+    ``dx`` in the input's dtype (written into `out`, checked with :func:`check_out`, when
+    given) and the parameter gradients in float64 (this process's share for a reducer that
+    communicates; ``dx`` uses the sums over all processes)."""
     x3 = cache.x3
     dy3 = as_3d(dy, cache.axis, x3.dtype)
+    out3 = _out3(out, cache.axis, x3.dtype)
+    mask = cache.y3
     reducer = cache.reducer
     be = cache.backend
     fused = None
     if reducer.local:
         fused = be.backward(
             dy3, x3, cache.center, cache.mean, cache.inv_std, cache.gamma, cache.count,
-            cache.training,
+            cache.training, mask=mask, out=out3,
         )
     if fused is None:
-        sums = be.grad_sums(dy3, x3, cache.center)
+        sums = be.grad_sums(dy3, x3, cache.center, mask=mask)
         dgamma, dbeta = param_grads(cache, *sums)
         if cache.training and not reducer.local:
             # dx needs the sums over the whole batch; dgamma/dbeta stay this process's share.
-            dx3 = input_grad(cache, dy3, *param_grads(cache, *reducer.grad_sums(*sums)))
+            total = param_grads(cache, *reducer.grad_sums(*sums))
+            dx3 = input_grad(cache, dy3, *total, out3)
         else:
-            dx3 = input_grad(cache, dy3, dgamma, dbeta)
+            dx3 = input_grad(cache, dy3, dgamma, dbeta, out3)
     else:
         dx3, dgamma, dbeta = fused
-    dx = dx3.reshape(cache.shape)
-    return (dx if dx.dtype is cache.dtype else dx.astype(cache.dtype)), dgamma, dbeta
+    return _output(dx3, cache.shape, cache.dtype, out), dgamma, dbeta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,8 +463,11 @@ def batch_norm_train(
     eps: float = 1e-5,
     backend: str | Backend | None = None,
     reducer: Reducer | None = None,
+    activation: str | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, BatchNormCache]:
-    """Batch normalization with the statistics of the batch itself.
+    """Batch normalization with the statistics of the batch itself, optionally followed by a
+    fused ReLU.
 
     Parameters
     ----------
@@ -354,6 +483,14 @@ def batch_norm_train(
         See :func:`batchnorm.backends.get_backend`.
     reducer : Reducer or None
         Where the statistics are combined (see :mod:`batchnorm.reducers`); None: this batch.
+    activation : {None, "relu"}
+        ``"relu"`` returns ``max(y, 0)``, written by the normalize pass itself; the backward
+        then applies the ReLU's mask inside its own passes. The result equals batch norm
+        followed by a ReLU, forward and backward (derivative 0 where ``y <= 0``).
+    out : ndarray or None
+        Where to write ``y``: C-contiguous, of the shape and dtype of `x`, writeable, sharing
+        no memory with `x`, `gamma` or `beta`. It is returned. With an activation the cache
+        refers to it: do not modify it before the backward.
 
     Returns
     -------
@@ -365,10 +502,17 @@ def batch_norm_train(
     Raises
     ------
     TypeError
-        For a non-float `x`, `gamma` or `beta`.
+        For a non-float `x`, `gamma` or `beta`, an `activation` that is not a string or None,
+        an `out` that is not an ndarray or has another dtype than `x`.
     ValueError
-        For fewer than 2 dims, an axis out of range, `gamma`/`beta` of the wrong size, or an
-        empty batch.
+        For fewer than 2 dims, an axis out of range, `gamma`/`beta` of the wrong size, an
+        empty batch, an unknown `activation`, or an `out` of another shape, not C-contiguous,
+        read-only or overlapping an input.
+
+    Notes
+    -----
+    With ``activation="relu"``: ``y' = max(y, 0)`` and, in the backward, ``dy`` is replaced by
+    ``dy * (y' > 0)``; NaN in ``y`` stays NaN in ``y'`` (as in PyTorch).
     """
     reducer = LOCAL if reducer is None else reducer
     with reducer.guard("forward"):
@@ -378,16 +522,21 @@ def batch_norm_train(
         gamma = None if gamma is None else check_vector(gamma, "gamma", c, x.shape, ax)
         beta = None if beta is None else check_vector(beta, "beta", c, x.shape, ax)
         be = get_backend(backend)
-    return train_forward(x, ax, gamma, beta, eps, be, reducer)
+        activation = check_activation(activation)
+        if out is not None:
+            out = check_out(out, "y", x.shape, x.dtype, {"x": x, "gamma": gamma, "beta": beta})
+    return train_forward(x, ax, gamma, beta, eps, be, reducer, activation=activation, out=out)
 
 
 @overload
 def batch_norm_inference(
-    x, gamma, beta, mean, var, *, axis=..., eps=..., backend=..., return_cache=False
+    x, gamma, beta, mean, var, *, axis=..., eps=..., backend=..., return_cache=False,
+    activation=..., out=...,
 ) -> np.ndarray: ...
 @overload
 def batch_norm_inference(
-    x, gamma, beta, mean, var, *, axis=..., eps=..., backend=..., return_cache=True
+    x, gamma, beta, mean, var, *, axis=..., eps=..., backend=..., return_cache=True,
+    activation=..., out=...,
 ) -> tuple[np.ndarray, BatchNormCache]: ...
 
 
@@ -402,8 +551,11 @@ def batch_norm_inference(
     eps: float = 1e-5,
     backend: str | Backend | None = None,
     return_cache: bool = False,
+    activation: str | None = None,
+    out: np.ndarray | None = None,
 ):
-    """Batch normalization with given statistics (the running averages).
+    """Batch normalization with given statistics (the running averages), optionally followed
+    by a fused ReLU.
 
     Parameters
     ----------
@@ -415,6 +567,8 @@ def batch_norm_inference(
         As in :func:`batch_norm_train`.
     return_cache : bool, default False
         Also return a cache, for the gradient of this fixed transform (a frozen layer).
+    activation, out
+        As in :func:`batch_norm_train` (`out` must not overlap `mean` or `var` either).
 
     Returns
     -------
@@ -434,12 +588,19 @@ def batch_norm_inference(
     mean = check_vector(mean, "mean", c, x.shape, ax)
     var = check_vector(var, "var", c, x.shape, ax)
     be = get_backend(backend)
-    y, cache = inference_forward(x, ax, gamma, beta, mean, var, eps, be, keep_cache=return_cache)
+    activation = check_activation(activation)
+    if out is not None:
+        inputs = {"x": x, "gamma": gamma, "beta": beta, "mean": mean, "var": var}
+        out = check_out(out, "y", x.shape, x.dtype, inputs)
+    y, cache = inference_forward(
+        x, ax, gamma, beta, mean, var, eps, be, keep_cache=return_cache,
+        activation=activation, out=out,
+    )
     return (y, cache) if return_cache else y
 
 
 def batch_norm_backward(
-    dy: np.ndarray, cache: BatchNormCache
+    dy: np.ndarray, cache: BatchNormCache, *, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Gradients of a forward call with respect to its input and parameters.
 
@@ -449,7 +610,12 @@ def batch_norm_backward(
         Gradient of the loss with respect to ``y``.
     cache : BatchNormCache
         From :func:`batch_norm_train` (batch statistics: the gradient flows through them) or
-        :func:`batch_norm_inference` with ``return_cache=True`` (a fixed transform).
+        :func:`batch_norm_inference` with ``return_cache=True`` (a fixed transform). With a
+        fused activation, `dy` is the gradient with respect to its output ``y'``.
+    out : ndarray or None
+        Where to write ``dx``: C-contiguous, of the shape and dtype of the forward input,
+        writeable, sharing no memory with `dy`, the forward input or (with an activation) the
+        forward output. It is returned.
 
     Returns
     -------
@@ -460,15 +626,20 @@ def batch_norm_backward(
     Raises
     ------
     ValueError
-        When `dy` has another shape than the forward input.
+        When `dy` has another shape than the forward input; for an `out` of another shape,
+        not C-contiguous, read-only or overlapping an array the backward reads.
     TypeError
-        For a non-float `dy`, or a `cache` that is not a BatchNormCache.
+        For a non-float `dy`, a `cache` that is not a BatchNormCache, an `out` that is not an
+        ndarray or of another dtype.
     """
     if not isinstance(cache, BatchNormCache):
         raise TypeError(f"expected a BatchNormCache from a forward call, got {type(cache)}")
     with cache.reducer.guard("backward"):
         dy = check_dy(dy, cache.shape)
-    dx, dgamma, dbeta = backward(dy, cache)
+        if out is not None:
+            inputs = {"dy": dy, "x": cache.x3, "the forward output": cache.y3}
+            out = check_out(out, "dx", cache.shape, cache.dtype, inputs)
+    dx, dgamma, dbeta = backward(dy, cache, out)
     dg = None if cache.gamma_dtype is None else dgamma.astype(cache.gamma_dtype)
     db = None if cache.beta_dtype is None else dbeta.astype(cache.beta_dtype)
     return dx, dg, db

@@ -39,7 +39,7 @@ _MAX_CONFIG_CHARS = 1 << 20
 
 _LAYER_CONFIG_KEYS = frozenset(
     ("class", "num_features", "axis", "eps", "momentum", "affine", "track_running_stats",
-     "unbiased", "dtype", "frozen", "trainable_affine")
+     "unbiased", "dtype", "frozen", "trainable_affine", "activation")
 )
 _LAYER_CLASSES = ("BatchNorm", "SyncBatchNorm")
 

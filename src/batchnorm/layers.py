@@ -280,8 +280,14 @@ class _NormBase:
         dtype: Any = np.float32,
         backend: str | Backend | None = None,
         reducer: Reducer | None = None,
+        activation: str | None = None,
+        reuse_outputs: bool = False,
     ) -> None:
         self.num_features = check_int(num_features, "num_features", 1)
+        self.activation = activation
+        self.reuse_outputs = check_bool(reuse_outputs, "reuse_outputs")
+        self._y_buf: np.ndarray | None = None
+        self._dx_buf: np.ndarray | None = None
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"expected axis to be an int, got {axis!r}")
         self.axis = int(axis)
@@ -311,6 +317,33 @@ class _NormBase:
             self.running_mean = self.running_var = None
             self.num_batches_tracked = None
         self._cache: F.BatchNormCache | None = None
+
+    @property
+    def activation(self) -> str | None:
+        """The activation fused into the layer: None or ``"relu"`` (settable; a forward already
+        made keeps the activation it was made with, for its backward)."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str | None) -> None:
+        self._activation = F.check_activation(value)
+
+    def _buffer(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype, *reads
+    ) -> np.ndarray | None:
+        """The layer's output array `name` for this call with ``reuse_outputs`` (None without):
+        the previous call's when it fits and shares no memory with the arrays the call reads,
+        else a new one, kept for the next call."""
+        if not self.reuse_outputs:
+            return None
+        buf = getattr(self, name)
+        if (
+            buf is None or buf.shape != shape or buf.dtype != dtype
+            or any(r is not None and F._overlap(buf, r) for r in reads)
+        ):
+            buf = np.empty(shape, dtype)
+            setattr(self, name, buf)
+        return buf
 
     # mode ------------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -382,10 +415,14 @@ class _NormBase:
             self.beta.fill(0)
 
     def extra_repr(self) -> str:
+        extra = "" if self.activation is None else f", activation={self.activation!r}"
+        if self.reuse_outputs:
+            extra += ", reuse_outputs=True"
         return (
             f"{self.num_features}, axis={self.axis}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
             f"unbiased={self.unbiased}, dtype={self.dtype.name}, backend={self.backend.name!r}"
+            f"{extra}"
         )
 
     def __repr__(self) -> str:
@@ -492,6 +529,7 @@ class _NormBase:
             "dtype": self.dtype.name,
             "frozen": self.frozen,
             "trainable_affine": self.trainable_affine,
+            "activation": self.activation,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -532,6 +570,19 @@ class BatchNorm(_NormBase):
     dtype : float16, float32 or float64, default float32
         Of parameters and running statistics.
     backend : {"auto", "numpy", "numba"} or None
+    activation : {None, "relu"}, default None
+        ``"relu"``: the layer is batch norm followed by a ReLU, fused: the forward writes
+        ``max(y, 0)`` in its normalize pass and the backward applies the ReLU's mask inside its
+        own passes (no separate ReLU pass, no intermediate array). The same values as
+        ``BatchNorm`` followed by ``ReLU``, in every mode (training, eval, frozen).
+    reuse_outputs : bool, default False
+        Write every forward's output into the same array (and every backward's ``dx`` into
+        another one) instead of a new array per call, which saves the page faults of fresh
+        memory on large inputs. Aliasing: the array a call returns is overwritten by the next
+        call (a forward's by the next forward, a backward's by the next backward), so copy
+        what you keep; and with an activation the backward reads the forward's output, which
+        must not be changed before it. A new array is taken when the shape or dtype changes or
+        the input shares memory with the kept array.
 
     Notes
     -----
@@ -591,15 +642,17 @@ class BatchNorm(_NormBase):
             x, ax = self._check_input(x)
             if update:
                 _check_writeable(self, ("running_mean", "running_var"))
+        out = self._buffer("_y_buf", x.shape, x.dtype, x)
         if training or not self.track_running_stats:
             y, cache = F.train_forward(
                 x, ax, self.gamma, self.beta, self.eps, self.backend, reducer,
                 min_count=2 if training else 1, check_finite=training, axis_label=self.axis,
+                activation=self.activation, out=out,
             )
         else:
             y, cache = F.inference_forward(
                 x, ax, self.gamma, self.beta, self.running_mean, self.running_var, self.eps,
-                self.backend,
+                self.backend, activation=self.activation, out=out,
             )
         if update:
             nbt = self.num_batches_tracked + 1
@@ -625,6 +678,7 @@ class BatchNorm(_NormBase):
         Parameters
         ----------
         dy : ndarray, same shape as the last forward's `x`
+            The gradient with respect to the layer's output (after the activation, if any).
 
         Returns
         -------
@@ -635,7 +689,8 @@ class BatchNorm(_NormBase):
             raise RuntimeError("backward called before forward: expected a forward call first")
         with cache.reducer.guard("backward"):
             dy = check_dy(dy, cache.shape)
-        dx, dgamma, dbeta = F.backward(dy, cache)
+        out = self._buffer("_dx_buf", cache.shape, cache.dtype, dy, cache.x3, cache.y3)
+        dx, dgamma, dbeta = F.backward(dy, cache, out)
         if self.affine:
             dt = self.dtype
             self.dgamma = dgamma if dgamma.dtype is dt else dgamma.astype(dt)

@@ -242,14 +242,18 @@ def build_model(
     seed: Any,
     backend: str | None = "numpy",
     dtype: Any = np.float64,
+    fuse_activation: bool = True,
 ) -> Sequential:
     """The demo's network for `data`: ``"mlp"`` (5 hidden layers of 100) or ``"cnn"``.
 
     The initial weights depend only on `seed` and `weight_init`, not on `batchnorm`, so the two
-    networks of a comparison start from the same weights.
+    networks of a comparison start from the same weights. With `fuse_activation` each
+    BatchNorm -> ReLU is one fused layer (``BatchNorm(..., activation="relu")``), which computes
+    the same values.
     """
     rng = np.random.default_rng(seed)
-    kw = dict(batchnorm=batchnorm, weight_init=weight_init, rng=rng, dtype=dtype, backend=backend)
+    kw = dict(batchnorm=batchnorm, weight_init=weight_init, rng=rng, dtype=dtype, backend=backend,
+              fuse_activation=fuse_activation)
     if kind == "mlp":
         return mlp(int(np.prod(data.image_shape)), data.num_classes, (100,) * 5, **kw)
     if kind == "cnn":

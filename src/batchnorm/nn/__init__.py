@@ -23,6 +23,7 @@ Examples
 from .builders import cnn, init_std, mlp
 from .deploy import fold_batchnorm, recompute_batchnorm_stats
 from .freeze import batchnorm_layers, freeze_batchnorm, unfreeze_batchnorm
+from .fuse import fuse_activations
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Sigmoid, col2im, im2col
 from .losses import SoftmaxCrossEntropy, softmax
 from .optim import SGD, Adam, Momentum, Optimizer
@@ -49,6 +50,7 @@ __all__ = [
     "export_torch_state",
     "fold_batchnorm",
     "freeze_batchnorm",
+    "fuse_activations",
     "im2col",
     "init_std",
     "load_torch_state",

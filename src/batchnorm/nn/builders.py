@@ -12,6 +12,7 @@ import numpy as np
 from ..backends import Backend
 from ..layers import BatchNorm
 from ..norm_layers import GroupNorm, LayerNorm
+from .fuse import fuse_activations
 from .layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid
 from .sequential import Sequential
 
@@ -46,6 +47,12 @@ def init_std(weight_init: WeightInit, fan_in: int) -> float:
     if not std > 0:
         raise ValueError(f"expected a positive weight scale, got {weight_init!r}")
     return std
+
+
+def _check_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"expected {name} to be a bool, got {value!r}")
+    return bool(value)
 
 
 def _activation(name: str) -> Any:
@@ -100,6 +107,7 @@ def mlp(
     bn_eps: float = 1e-5,
     norm: Norm = None,
     groups: int = 4,
+    fuse_activation: bool = False,
 ) -> Sequential:
     """A multilayer perceptron: ``[Linear -> (norm) -> activation] * len(hidden) -> Linear``.
 
@@ -127,12 +135,17 @@ def mlp(
         ``norm="batch"``; giving both with another `norm` is a ValueError.
     groups : int, default 4
         Groups of ``norm="group"``; must divide every hidden width.
+    fuse_activation : bool, default False
+        Fuse each ReLU that follows a ``BatchNorm`` into it (``BatchNorm(...,
+        activation="relu")``, see :func:`batchnorm.nn.fuse_activations`): the same values,
+        fewer passes. Other normalizations and activations are left as they are.
 
     Returns
     -------
     Sequential
         Takes (N, in_features), returns logits (N, out_features).
     """
+    fuse_activation = _check_flag(fuse_activation, "fuse_activation")
     make_norm = _norm_maker(norm, batchnorm, groups, dtype, backend, bn_momentum, bn_eps)
     rng = np.random.default_rng(0) if rng is None else rng
     layers: list[Any] = []
@@ -152,7 +165,8 @@ def mlp(
             weight=std * rng.standard_normal((sizes[-1], int(out_features))), dtype=dtype,
         )
     )
-    return Sequential(layers)
+    model = Sequential(layers)
+    return fuse_activations(model) if fuse_activation else model
 
 
 def cnn(
@@ -170,6 +184,7 @@ def cnn(
     bn_eps: float = 1e-5,
     norm: Norm = None,
     groups: int = 4,
+    fuse_activation: bool = False,
 ) -> Sequential:
     """A small convolutional network.
 
@@ -199,12 +214,15 @@ def cnn(
         hidden affine layers get what :func:`mlp` gives them.
     groups : int, default 4
         Groups of ``norm="group"``; must divide every channel count and hidden width.
+    fuse_activation : bool, default False
+        As for :func:`mlp`: each ``BatchNorm -> ReLU`` becomes one fused ``BatchNorm``.
 
     Returns
     -------
     Sequential
         Takes (N, C, H, W), returns logits (N, out_features).
     """
+    fuse_activation = _check_flag(fuse_activation, "fuse_activation")
     make_norm = _norm_maker(norm, batchnorm, groups, dtype, backend, bn_momentum, bn_eps)
     rng = np.random.default_rng(0) if rng is None else rng
     c, h, w = (int(v) for v in in_shape)
@@ -225,4 +243,5 @@ def cnn(
     layers.append(Flatten())
     tail = mlp(c * h * w, out_features, hidden, norm=make_norm, weight_init=weight_init,
                rng=rng, dtype=dtype, backend=backend, bn_momentum=bn_momentum, bn_eps=bn_eps)
-    return Sequential(layers + tail.layers)
+    model = Sequential(layers + tail.layers)
+    return fuse_activations(model) if fuse_activation else model

@@ -14,7 +14,7 @@ import numpy as np
 from ..checks import normalize_axis
 from ..fold import fold_batchnorm as _fold_arrays
 from ..layers import BatchNorm
-from .layers import Conv2d, Linear
+from .layers import Conv2d, Linear, ReLU
 
 __all__ = ["fold_batchnorm", "recompute_batchnorm_stats"]
 
@@ -120,6 +120,8 @@ def _fold_layers(container: Any, strict: bool, path: str) -> None:
             reason = _why_not_foldable(prev, layer)
             if reason is None:
                 out[-1] = _folded(prev, layer)
+                if layer.activation == "relu":  # the fused ReLU stays, as its own layer
+                    out.append(ReLU())
                 continue
             if strict:
                 raise ValueError(f"cannot fold layer {path}{i} ({layer!r}): {reason}")
@@ -168,6 +170,8 @@ def fold_batchnorm(model: Any, *, strict: bool = False) -> Any:
     mode uses them (whatever its ``unbiased`` flag), its ``gamma``, ``beta`` and ``eps``.
     Layers that are not folded (and their mode) are kept as copies. Only exact ``Linear`` and
     ``Conv2d`` instances are folded into, not subclasses, which may compute something else.
+    A batch norm with a fused activation (``activation="relu"``) becomes the folded layer
+    followed by a toolkit ``ReLU``.
     """
     if not (hasattr(model, "layers") and isinstance(model.layers, list)):
         raise TypeError(
