@@ -220,11 +220,11 @@ def normalize_with_stats(
     fused = backend.normalize(x3, mean, var, gamma, beta, eps, relu=relu, out=out3)
     if fused is not None:
         return fused
-    return _normalize_generic(x3, mean, var, gamma, beta, eps, backend)
+    return _normalize_generic(x3, mean, var, gamma, beta, eps, backend, relu, out3)
 
 
 @_quiet
-def _normalize_generic(x3, mean, var, gamma, beta, eps, backend):
+def _normalize_generic(x3, mean, var, gamma, beta, eps, backend, relu=False, out3=None):
     dtype = x3.dtype
     mean = np.asarray(mean, dtype=np.float64)
     inv_std = np.sqrt(np.asarray(var, dtype=np.float64) + eps)
