@@ -512,3 +512,30 @@ def test_fuse_activations_only_fuses_batchnorm_then_relu():
     # group norm: nothing to fuse
     g = mlp(4, 2, (4,), norm="group", groups=2, fuse_activation=True)
     assert any(type(layer).__name__ == "ReLU" for layer in g.layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# batchnorm bench: the fused and reuse rows (a smoke run; no timing is asserted)
+
+
+def test_bench_reports_fused_and_reuse_rows(capsys):
+    pytest.importorskip("numba")
+    import json
+
+    from batchnorm.apps import bench
+
+    rc = bench.main(["--cases", "small,layer", "--modes", "train,relu",
+                     "--impls", "numpy,numba,numba-reuse,numba-unfused", "--repeat", "2",
+                     "--no-first-call", "--no-progress", "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    rows = {(r["case"], r["mode"]): r for r in d["results"]}
+    # relu mode only for the kernel cases; the unfused implementation only in relu mode
+    assert set(rows) == {("small", "train"), ("small", "relu"), ("layer", "train")}
+    assert set(rows["small", "relu"]["median_ms"]) == {"numpy", "numba", "numba-reuse",
+                                                       "numba-unfused"}
+    assert set(rows["small", "train"]["median_ms"]) == {"numpy", "numba", "numba-reuse"}
+    assert rows["small", "relu"]["speedup_fused"] > 0
+    assert rows["small", "relu"]["bytes"] == 10 * 32 * 128 * 4
+    assert rows["small", "train"]["speedup_fused"] is None
+    assert "BN+ReLU" in bench.table(d["results"], d["copy_gbs"])

@@ -22,9 +22,19 @@ Two cases time the layers, where the per-call overhead of small batches shows:
   against :class:`BookReference`, the book's algorithm in plain NumPy (column ``book``), and
   PyTorch's ``nn.BatchNorm1d(100)`` in float64.
 
+Mode ``relu`` times batch norm followed by a ReLU, training forward+backward: ours fused
+(``activation="relu"``; implementations ``numpy``, ``numba``, ``numba-reuse``), ours unfused
+(``numba-unfused``: the numba kernels, then the toolkit's ``ReLU`` forward and backward) and
+PyTorch's ``relu(batch_norm(x))`` (``inplace=False``) through autograd.
+
+``numba-reuse`` is the numba backend writing into the same output arrays every call (``out=`` on
+the kernels; ``BatchNorm(reuse_outputs=True)`` for the layer case) instead of new ones: fresh
+arrays cost page faults on large inputs.
+
 Bytes moved count whole-array passes: 8 for forward+backward (forward: read x twice, write y;
-backward: read dy and x twice, write dx), 2 for inference (read x, write y). The copy bandwidth
-is ``np.copyto`` between two 64 MiB arrays (one thread, read + write).
+backward: read dy and x twice, write dx), 10 for the fused batch norm + ReLU (the backward also
+reads the output y' twice, for the ReLU's mask), 2 for inference (read x, write y). The copy
+bandwidth is ``np.copyto`` between two 64 MiB arrays (one thread, read + write).
 
 The first-call cost is measured in fresh subprocesses: once with an empty numba cache
 directory (the kernels compile) and once with that directory filled (they are loaded).
@@ -83,9 +93,12 @@ CASES = {
              dtype="float64"),
     )
 }
-PASSES = {"train": 8, "infer": 2}
-MODES = {"train": "training fwd+bwd", "infer": "inference fwd"}
-IMPLS = ("numpy", "numba", "torch")
+PASSES = {"train": 8, "infer": 2, "relu": 10}
+MODES = {"train": "training fwd+bwd", "infer": "inference fwd",
+         "relu": "BN+ReLU training fwd+bwd"}
+IMPLS = ("numpy", "numba", "numba-reuse", "numba-unfused", "torch")
+# Which implementations run the numba backend (and need numba installed).
+_NUMBA_IMPLS = ("numba", "numba-reuse", "numba-unfused")
 BOOK_MOMENTUM = 0.9
 BOOK_EPS = 1e-6  # the book's 10e-7
 
@@ -94,26 +107,40 @@ BOOK_EPS = 1e-6  # the book's 10e-7
 # the timed callables
 
 
-def _ours(case: Case, mode: str, backend: str, x, dy, g, b, mean, var) -> Callable[[], Any]:
+def _ours(case: Case, mode: str, impl: str, x, dy, g, b, mean, var) -> Callable[[], Any]:
     from ..functional import batch_norm_backward, batch_norm_inference, batch_norm_train
+    from ..nn.layers import ReLU
 
-    if mode == "train":
+    backend = "numpy" if impl == "numpy" else "numba"
+    act = "relu" if mode == "relu" and impl != "numba-unfused" else None
+    out_y = out_dx = None
+    if impl == "numba-reuse":
+        out_y, out_dx = np.empty_like(x), np.empty_like(x)
+    if mode in ("train", "relu"):
+        relu = ReLU() if impl == "numba-unfused" else None
 
         def run():
-            _, cache = batch_norm_train(x, g, b, axis=case.axis, backend=backend)
-            return batch_norm_backward(dy, cache)
+            y, cache = batch_norm_train(x, g, b, axis=case.axis, backend=backend,
+                                        activation=act, out=out_y)
+            if relu is None:
+                return batch_norm_backward(dy, cache, out=out_dx)
+            relu.forward(y)
+            return batch_norm_backward(relu.backward(dy), cache)
 
     else:
 
         def run():
-            return batch_norm_inference(x, g, b, mean, var, axis=case.axis, backend=backend)
+            return batch_norm_inference(x, g, b, mean, var, axis=case.axis, backend=backend,
+                                        out=out_y)
 
     return run
 
 
-def _ours_layer(case: Case, mode: str, backend: str, x, dy, g, b, mean, var
+def _ours_layer(case: Case, mode: str, impl: str, x, dy, g, b, mean, var
                 ) -> Callable[[], Any]:
     from ..layers import BatchNorm, BatchNormalization
+
+    backend = "numpy" if impl == "numpy" else "numba"
 
     if case.kind == "book":
         book = BatchNormalization(g.copy(), b.copy(), BOOK_MOMENTUM, mean.copy(), var.copy(),
@@ -131,7 +158,8 @@ def _ours_layer(case: Case, mode: str, backend: str, x, dy, g, b, mean, var
 
         return run
 
-    bn = BatchNorm(x.shape[case.axis], axis=case.axis, dtype=x.dtype, backend=backend)
+    bn = BatchNorm(x.shape[case.axis], axis=case.axis, dtype=x.dtype, backend=backend,
+                   reuse_outputs=impl == "numba-reuse")
     bn.gamma[:], bn.beta[:] = g, b
     bn.running_mean[:], bn.running_var[:] = mean, var
     if mode == "train":
@@ -237,7 +265,7 @@ def _torch_layer(case: Case, mode: str, x, dy, g, b, mean, var) -> Callable[[], 
         m.bias.copy_(torch.from_numpy(b))
         m.running_mean.copy_(torch.from_numpy(mean))
         m.running_var.copy_(torch.from_numpy(var))
-    xt = torch.from_numpy(x.copy()).requires_grad_(mode == "train")
+    xt = torch.from_numpy(x.copy()).requires_grad_(mode != "infer")
     dyt = torch.from_numpy(dy)
     if mode == "train":
 
@@ -266,17 +294,20 @@ def _torch(case: Case, mode: str, x, dy, g, b, mean, var) -> Callable[[], Any]:
         # which is what its channels-last kernels take.
         return t.movedim(-1, 1) if case.axis == -1 else t
 
-    xt = to_t(x.copy()).requires_grad_(mode == "train")
+    xt = to_t(x.copy()).requires_grad_(mode != "infer")
     dyt = to_t(dy)
-    w = torch.from_numpy(g.copy()).requires_grad_(mode == "train")
-    bt = torch.from_numpy(b.copy()).requires_grad_(mode == "train")
+    w = torch.from_numpy(g.copy()).requires_grad_(mode != "infer")
+    bt = torch.from_numpy(b.copy()).requires_grad_(mode != "infer")
     rm, rv = torch.from_numpy(mean.copy()), torch.from_numpy(var.copy())
 
-    if mode == "train":
+    if mode in ("train", "relu"):
+        relu = mode == "relu"
 
         def run():
             xt.grad = w.grad = bt.grad = None  # fresh gradients each call, like ours
             y = tf.batch_norm(xt, None, None, w, bt, training=True, eps=1e-5)
+            if relu:
+                y = tf.relu(y)  # not inplace: what nn.ReLU() does by default
             y.backward(dyt)
             return xt.grad
 
@@ -446,6 +477,9 @@ def run_case(
     """Median seconds per call of each implementation, interleaved round-robin.
 
     The ``book`` case also runs :class:`BookReference` (as implementation ``"book"``).
+    Implementations that do not apply to the case and mode are left out: ``numba-unfused``
+    runs in mode ``relu`` only, mode ``relu`` only for the kernel cases, ``numba-reuse`` not
+    for the book's layer.
     """
     rng = np.random.default_rng(0)
     dt = np.dtype(case.dtype)
@@ -459,6 +493,10 @@ def run_case(
     arrays = (x, dy, g, b, mean, var)
     fns = {}
     for name in impls:
+        if name == "numba-unfused" and mode != "relu":
+            continue
+        if name == "numba-reuse" and case.kind == "book":
+            continue
         if name == "torch":
             make = _torch if case.kind == "kernel" else _torch_layer
             fns[name] = make(case, mode, *arrays)
@@ -474,7 +512,7 @@ def run_case(
         fn()  # compile / load kernels, first touch
         numbers[name] = _calibrate(fn, min_sample)
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    ratios, book_ratios = [], []
+    ratios, book_ratios, reuse_ratios, fusion = [], [], [], []
     order = list(fns)
     for r in range(repeat):
         rot = order[r % len(order) :] + order[: r % len(order)]
@@ -484,6 +522,10 @@ def run_case(
             ratios.append(samples["numba"][-1] / samples["torch"][-1])
         if "numba" in fns and "book" in fns:
             book_ratios.append(samples["numba"][-1] / samples["book"][-1])
+        if "numba-reuse" in fns and "torch" in fns:
+            reuse_ratios.append(samples["numba-reuse"][-1] / samples["torch"][-1])
+        if "numba-unfused" in fns and "numba" in fns:
+            fusion.append(samples["numba-unfused"][-1] / samples["numba"][-1])
         progress.step(f"{case.name} {mode} round {r + 1}/{repeat}")
     nbytes = PASSES[mode] * x.nbytes
     res: dict[str, Any] = {
@@ -496,6 +538,9 @@ def run_case(
     }
     res["ratio_fast_torch"] = statistics.median(ratios) if ratios else None
     res["ratio_fast_book"] = statistics.median(book_ratios) if book_ratios else None
+    res["ratio_reuse_torch"] = statistics.median(reuse_ratios) if reuse_ratios else None
+    # > 1: how many times faster the fused layer is than batch norm followed by a ReLU layer
+    res["speedup_fused"] = statistics.median(fusion) if fusion else None
     fast = res["median_ms"].get("numba")
     res["fast_gbs"] = nbytes / (fast * 1e-3) / 1e9 if fast else None
     return res
@@ -508,9 +553,9 @@ def _fmt(v: float | None, spec: str) -> str:
 def table(results: list[dict[str, Any]], copy_gbs: float) -> str:
     """The results as a Markdown table."""
     head = (
-        "| case | mode | numpy ms | numba ms | torch ms | numba/torch | numba GB/s | of copy "
-        "| book ms | numba/book |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| case | mode | numpy ms | numba ms | reuse ms | torch ms | numba/torch | reuse/torch "
+        "| unfused ms | unfused/fused | numba GB/s | of copy | book ms | numba/book |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = [head]
     for r in results:
@@ -518,9 +563,11 @@ def table(results: list[dict[str, Any]], copy_gbs: float) -> str:
         gbs = r["fast_gbs"]
         rows.append(
             f"| {r['case']} {r['label']} | {MODES[r['mode']]} | {_fmt(ms.get('numpy'), '.3f')} "
-            f"| {_fmt(ms.get('numba'), '.3f')} | {_fmt(ms.get('torch'), '.3f')} "
-            f"| {_fmt(r['ratio_fast_torch'], '.2f')} | {_fmt(gbs, '.1f')} "
-            f"| {_fmt(None if gbs is None else gbs / copy_gbs, '.0%')} "
+            f"| {_fmt(ms.get('numba'), '.3f')} | {_fmt(ms.get('numba-reuse'), '.3f')} "
+            f"| {_fmt(ms.get('torch'), '.3f')} "
+            f"| {_fmt(r['ratio_fast_torch'], '.2f')} | {_fmt(r.get('ratio_reuse_torch'), '.2f')} "
+            f"| {_fmt(ms.get('numba-unfused'), '.3f')} | {_fmt(r.get('speedup_fused'), '.2f')} "
+            f"| {_fmt(gbs, '.1f')} | {_fmt(None if gbs is None else gbs / copy_gbs, '.0%')} "
             f"| {_fmt(ms.get('book'), '.3f')} | {_fmt(r.get('ratio_fast_book'), '.2f')} |"
         )
     return "\n".join(rows)
@@ -575,9 +622,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds per case and mode (15)")
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"comma-separated subset of {','.join(CASES)}")
-    p.add_argument("--modes", default="train,infer", help="train, infer or both (default)")
+    p.add_argument("--modes", default="train,infer,relu",
+                   help="comma-separated subset of train,infer,relu (default: all three; relu "
+                   "is batch norm + ReLU training, for the kernel cases)")
     p.add_argument("--impls", default=None,
-                   help="comma-separated subset of numpy,numba,torch (default: those installed)")
+                   help=f"comma-separated subset of {','.join(IMPLS)} (default: those "
+                   "installed)")
     p.add_argument("--quick", action="store_true",
                    help="5 rounds and no first-call subprocesses (a smoke run)")
     p.add_argument("--no-first-call", action="store_true",
@@ -617,11 +667,12 @@ def main(argv: list[str] | None = None) -> int:
         import numba
     except ImportError:
         has_numba = False
-        if "numba" in impls:
+        wanted = [i for i in impls if i in _NUMBA_IMPLS]
+        if wanted:
             if asked:
-                p.error("argument --impls: numba asked for, but numba is not installed "
+                p.error(f"argument --impls: {wanted[0]} asked for, but numba is not installed "
                         "(pip install 'batchnorm[fast]')")
-            impls.remove("numba")
+            impls = [i for i in impls if i not in _NUMBA_IMPLS]
     threads = args.threads
     if has_numba:
         if threads is None:
@@ -635,13 +686,16 @@ def main(argv: list[str] | None = None) -> int:
     if torch_version is not None:
         torch.set_num_threads(threads)
 
-    progress = _Progress(len(cases) * len(modes) * repeat, not args.no_progress)
+    runs = [(n, m) for n in cases for m in modes if m != "relu" or CASES[n].kind == "kernel"]
+    progress = _Progress(len(runs) * repeat, not args.no_progress)
     try:
         progress.note("measuring copy bandwidth")
         copies = [copy_bandwidth()]
         results = []
         for name in cases:
             for mode in modes:
+                if (name, mode) not in runs:
+                    continue
                 # Tiny cases: batch many calls per sample so the clock resolution does not count.
                 results.append(run_case(CASES[name], mode, impls, repeat, 2e-3, progress))
             copies.append(copy_bandwidth())
@@ -670,7 +724,9 @@ def main(argv: list[str] | None = None) -> int:
           f"numpy {machine['numpy']}, numba {machine.get('numba') or 'n/a'}, "
           f"torch {torch_version or 'n/a'}")
     print(f"# copy bandwidth (np.copyto, read+write): {copy_gbs:.1f} GB/s; GB/s counts "
-          f"{PASSES['train']} passes for fwd+bwd, {PASSES['infer']} for inference")
+          f"{PASSES['train']} passes for fwd+bwd, {PASSES['relu']} for fused BN+ReLU fwd+bwd, "
+          f"{PASSES['infer']} for inference; reuse = numba writing into the same output arrays "
+          "every call; unfused = numba BN then the toolkit's ReLU")
     print(table(results, copy_gbs))
     if fc is not None:
         print(_first_call_text(fc))
