@@ -17,6 +17,7 @@ __all__ = [
     "check_eps",
     "check_input",
     "check_int",
+    "check_mask",
     "check_momentum",
     "check_state_vector",
     "check_vector",
@@ -141,3 +142,35 @@ def check_int(value, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"expected {name} >= {minimum}, got {value}")
     return int(value)
+
+
+def check_mask(mask, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """`mask` for input of `shape` with features on `axis` (non-negative), as a read-only bool
+    array with x's dims and size 1 on `axis`.
+
+    Accepted: a bool array of x's shape without the feature axis (``(N, L)`` for ``(N, C, L)``
+    input; dims of size 1 broadcast), or one with x's dims, size 1 on the feature axis, that
+    broadcasts to x.
+    """
+    if type(mask) is not np.ndarray:
+        mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(
+            f"expected mask of dtype bool (True marks the values that count), got {mask.dtype}"
+        )
+    want = shape[:axis] + (1,) + shape[axis + 1 :]
+    without = shape[:axis] + shape[axis + 1 :]
+    expected = (
+        f"expected mask of shape {without} (x's shape without the feature axis {axis}) or "
+        f"broadcastable to {want}"
+    )
+    if mask.ndim == len(shape) - 1:
+        m = np.expand_dims(mask, axis)
+    elif mask.ndim == len(shape) and mask.shape[axis] == 1:
+        m = mask
+    else:
+        raise ValueError(f"{expected}, got shape {mask.shape} for x of shape {shape}")
+    try:
+        return np.broadcast_to(m, want)
+    except ValueError:
+        raise ValueError(f"{expected}, got shape {mask.shape} for x of shape {shape}") from None

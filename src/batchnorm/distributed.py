@@ -52,12 +52,14 @@ import numpy as np
 from .backends import Backend
 from .layers import BatchNorm
 from .reducers import LOCAL, all_finite, nonfinite_error
+from .renorm import BatchRenorm, Bound
 
 __all__ = [
     "DataParallel",
     "GlobalMeanLoss",
     "MPIReducer",
     "SyncBatchNorm",
+    "SyncBatchRenorm",
     "allreduce_grads",
     "convert_sync_batchnorm",
     "forward_bytes",
@@ -363,24 +365,88 @@ class SyncBatchNorm(BatchNorm):
         activation: str | None = None,
         reuse_outputs: bool = False,
     ) -> None:
-        MPI = _mpi()
-        if comm is None:
-            comm = MPI.COMM_WORLD
-        if not isinstance(comm, MPI.Intracomm):
-            raise TypeError(f"expected comm to be an mpi4py Intracomm, got {type(comm).__name__}")
-        if timeout is not None and not (float(timeout) > 0):
-            raise ValueError(f"expected timeout > 0 seconds or None, got {timeout}")
+        comm, timeout = _sync_args(comm, timeout)
         super().__init__(
             num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
             track_running_stats=track_running_stats, unbiased=unbiased, dtype=dtype,
             backend=backend, activation=activation, reuse_outputs=reuse_outputs,
         )
-        self.comm = comm
-        self.timeout = None if timeout is None else float(timeout)
-        # One rank: the local path, without communication.
-        self.reducer = (
-            MPIReducer(comm, self.num_features, self.timeout) if comm.Get_size() > 1 else LOCAL
+        _make_sync(self, comm, timeout)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ranks={self.comm.Get_size()}, timeout={self.timeout}"
+
+
+def _sync_args(comm: Any, timeout: float | None) -> tuple[Any, float | None]:
+    """The checked communicator (None: ``COMM_WORLD``) and timeout of a synchronised layer."""
+    MPI = _mpi()
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Intracomm):
+        raise TypeError(f"expected comm to be an mpi4py Intracomm, got {type(comm).__name__}")
+    if timeout is not None and not (float(timeout) > 0):
+        raise ValueError(f"expected timeout > 0 seconds or None, got {timeout}")
+    return comm, None if timeout is None else float(timeout)
+
+
+def _make_sync(layer: BatchNorm, comm: Any, timeout: float | None) -> None:
+    layer.comm = comm
+    layer.timeout = timeout
+    # One rank: the local path, without communication.
+    layer.reducer = (
+        MPIReducer(comm, layer.num_features, timeout) if comm.Get_size() > 1 else LOCAL
+    )
+
+
+class SyncBatchRenorm(BatchRenorm):
+    """:class:`~batchnorm.BatchRenorm` with statistics over the batches of all MPI ranks.
+
+    Batch Renormalization with an :class:`MPIReducer`: ``r`` and ``d`` come from the global
+    batch statistics and the (identical) running statistics, so they are the same on every
+    rank, and everything :class:`SyncBatchNorm` says about outputs, gradients, running
+    statistics, uneven and empty shards and errors holds.
+
+    Parameters
+    ----------
+    num_features : int
+    comm, timeout
+        As in :class:`SyncBatchNorm`.
+    rmax, dmax, **kwargs
+        As in :class:`~batchnorm.BatchRenorm` (no ``virtual_batch_size``: virtual batches are
+        local).
+
+    Raises
+    ------
+    ImportError
+        When mpi4py or its MPI library is missing.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        comm: Any = None,
+        timeout: float | None = None,
+        rmax: Bound = 3.0,
+        dmax: Bound = 5.0,
+        axis: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.9,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        unbiased: bool = False,
+        dtype: Any = np.float32,
+        backend: str | Backend | None = None,
+        activation: str | None = None,
+        reuse_outputs: bool = False,
+    ) -> None:
+        comm, timeout = _sync_args(comm, timeout)
+        super().__init__(
+            num_features, rmax=rmax, dmax=dmax, axis=axis, eps=eps, momentum=momentum,
+            affine=affine, track_running_stats=track_running_stats, unbiased=unbiased,
+            dtype=dtype, backend=backend, activation=activation, reuse_outputs=reuse_outputs,
         )
+        _make_sync(self, comm, timeout)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ranks={self.comm.Get_size()}, timeout={self.timeout}"
@@ -391,7 +457,8 @@ class SyncBatchNorm(BatchNorm):
 
 
 def convert_sync_batchnorm(model: Any, comm: Any = None, *, timeout: float | None = None) -> Any:
-    """Replace every :class:`~batchnorm.BatchNorm` in `model` by a :class:`SyncBatchNorm`.
+    """Replace every :class:`~batchnorm.BatchNorm` in `model` by a :class:`SyncBatchNorm`
+    (and every :class:`~batchnorm.BatchRenorm` by a :class:`SyncBatchRenorm`).
 
     The new layers share the old ones' arrays (``gamma``, ``beta``, running statistics), mode
     and settings, so an optimiser that holds those arrays keeps working.
@@ -410,20 +477,33 @@ def convert_sync_batchnorm(model: Any, comm: Any = None, *, timeout: float | Non
     model
         The same object with its layers replaced in place, or the new layer when `model` is
         itself a ``BatchNorm``.
+
+    Raises
+    ------
+    ValueError
+        For a layer with ``virtual_batch_size`` (virtual batches are parts of one process's
+        batch); checked before anything is converted.
     """
     memo: dict[int, Any] = {}
+    ghosts: list[BatchNorm] = []
 
-    def convert(obj: Any) -> Any:
+    def convert(obj: Any, dry: bool = False) -> Any:
         if id(obj) in memo:  # shared layers stay shared; cycles end here
             return memo[id(obj)]
         memo[id(obj)] = obj
-        if isinstance(obj, BatchNorm) and not isinstance(obj, SyncBatchNorm):
-            new = SyncBatchNorm(
-                obj.num_features, comm=comm, timeout=timeout, axis=obj.axis, eps=obj.eps,
-                momentum=obj.momentum, affine=obj.affine,
-                track_running_stats=obj.track_running_stats, unbiased=obj.unbiased,
-                dtype=obj.dtype, backend=obj.backend,
-            )
+        if isinstance(obj, BatchNorm) and not isinstance(obj, (SyncBatchNorm, SyncBatchRenorm)):
+            if dry:
+                if obj.virtual_batch_size is not None:
+                    ghosts.append(obj)
+                return obj
+            kw = dict(comm=comm, timeout=timeout, axis=obj.axis, eps=obj.eps,
+                      momentum=obj.momentum, affine=obj.affine,
+                      track_running_stats=obj.track_running_stats, unbiased=obj.unbiased,
+                      dtype=obj.dtype, backend=obj.backend)
+            if isinstance(obj, BatchRenorm):
+                new = SyncBatchRenorm(obj.num_features, rmax=obj.rmax, dmax=obj.dmax, **kw)
+            else:
+                new = SyncBatchNorm(obj.num_features, **kw)
             # Share the very arrays (and mode, counters) rather than copying them; keep the new
             # layer's communicator and reducer. The old cache was made with the local reducer,
             # so a backward after the conversion stays local, as the forward was.
@@ -432,6 +512,15 @@ def convert_sync_batchnorm(model: Any, comm: Any = None, *, timeout: float | Non
                     setattr(new, key, value)
             memo[id(obj)] = new
             return new
+        if dry:  # only look for layers that cannot be converted
+            children = (
+                list(obj) if isinstance(obj, (list, tuple))
+                else list(obj.values()) if isinstance(obj, dict)
+                else list(vars(obj).values()) if _walkable(obj) else []
+            )
+            for child in children:
+                convert(child, dry=True)
+            return obj
         if isinstance(obj, list):
             for i, item in enumerate(obj):
                 obj[i] = convert(item)
@@ -451,6 +540,14 @@ def convert_sync_batchnorm(model: Any, comm: Any = None, *, timeout: float | Non
                     setattr(obj, key, new)
         return obj
 
+    convert(model, dry=True)
+    if ghosts:
+        raise ValueError(
+            f"expected layers without virtual_batch_size to synchronise, got {ghosts[0]!r} "
+            f"({len(ghosts)} such layer(s)): virtual batches are parts of one process's batch; "
+            "nothing was converted"
+        )
+    memo.clear()
     return convert(model)
 
 

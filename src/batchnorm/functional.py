@@ -22,6 +22,22 @@ The fused activation (``activation="relu"``) returns ``y' = max(y, 0)`` from the
 writes ``y``, and its backward is batch norm's with ``dy`` replaced by ``dy * (y' > 0)`` (the
 derivative of the ReLU is taken as 0 at 0, as PyTorch's and the toolkit's ``ReLU`` do). The
 mask is read from the output ``y'``, which the cache keeps, inside the two gradient passes.
+
+Three variants plug into the same steps (see ``docs/batchnorm-failures.md``):
+
+- **masked statistics**: the statistics cover the values where ``mask`` is True (``M`` of them
+  per feature); the output is computed everywhere. Backward: ``dbeta`` and ``dgamma`` sum over
+  every position, and the terms through the mean and variance reach only the masked-in
+  positions::
+
+      dx = k * dy - mask * k / M * (dbeta + x_hat * dgamma),   k = gamma / sqrt(var + eps)
+
+- **Batch Renormalization** (Ioffe 2017, Algorithm 1): ``y = gamma * (x_hat * r + d) + beta``
+  with ``r``, ``d`` from the batch and running statistics, constants in backward. That is batch
+  normalization with the effective scale ``gamma * r`` and shift ``gamma * d + beta``, so the
+  input gradient is the compact one with ``gamma * r``; ``dgamma = sum(dy * (x_hat * r + d))``.
+- **ghost batches** (Hoffer et al. 2017): the training step applied to consecutive chunks of the
+  batch axis, each with its own statistics.
 """
 
 from __future__ import annotations
@@ -33,13 +49,26 @@ from typing import overload
 import numpy as np
 
 from .backends import Backend, get_backend
-from .checks import check_dy, check_eps, check_input, check_momentum, check_vector, compute_dtype
+from .checks import (
+    check_dy,
+    check_eps,
+    check_input,
+    check_mask,
+    check_momentum,
+    check_vector,
+    compute_dtype,
+)
 from .reducers import LOCAL, Reducer, all_finite, nonfinite_error
 
 __all__ = [
     "ACTIVATIONS",
     "BatchNormCache",
+    "GhostBatchNormCache",
     "backward",
+    "batch_renorm_train",
+    "ghost_chunks",
+    "ghost_train_forward",
+    "renorm_factors",
     "batch_norm_backward",
     "batch_norm_inference",
     "batch_norm_train",
@@ -152,6 +181,12 @@ class BatchNormCache:
         With an activation: the forward's output ``relu(y)`` in the compute dtype (the same
         array as the returned output unless it had to be converted), whose sign is the mask of
         the backward. It must not be modified before the backward.
+    mask : ndarray of shape (A, 1, B), bool, or None
+        The values the statistics cover (None: all of them); ``count`` is their number per
+        feature.
+    renorm_r, renorm_d : ndarray of shape (C,), float64, or None
+        Batch Renormalization's correction (None for batch normalization); ``gamma`` is then
+        the effective scale ``gamma * r``.
     """
 
     mean: np.ndarray
@@ -172,6 +207,55 @@ class BatchNormCache:
     reducer: Reducer = field(repr=False)
     activation: str | None = None
     y3: np.ndarray | None = field(default=None, repr=False)
+    mask: np.ndarray | None = field(default=None, repr=False)
+    renorm_r: np.ndarray | None = field(default=None, repr=False)
+    renorm_d: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass(eq=False)
+class GhostBatchNormCache:
+    """What the backward pass needs from a ghost-batch forward: one cache per virtual batch.
+
+    Attributes
+    ----------
+    chunks : list of BatchNormCache
+        One per virtual batch, in order along axis 0.
+    bounds : list of (start, stop)
+        The rows of axis 0 each virtual batch holds.
+    mean, var : ndarray of shape (C,), float64
+        The statistics of the whole batch (the virtual batches' merged exactly), for
+        population statistics; the running update uses :attr:`chunk_mean` and
+        :attr:`chunk_var` instead.
+    count : int
+        Values per feature in the whole batch (the masked-in ones with a mask).
+    chunk_mean, chunk_var : ndarray of shape (K, C), float64
+        Each virtual batch's mean and biased variance.
+    chunk_count : ndarray of shape (K,), int64
+        Each virtual batch's values per feature.
+    x3, y3 : ndarray or None
+        The forward's input and, with an activation, its output (what the backward reads).
+    """
+
+    chunks: list[BatchNormCache] = field(repr=False)
+    bounds: list[tuple[int, int]]
+    mean: np.ndarray
+    var: np.ndarray
+    count: int
+    chunk_mean: np.ndarray = field(repr=False)
+    chunk_var: np.ndarray = field(repr=False)
+    chunk_count: np.ndarray = field(repr=False)
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    axis: int
+    gamma_dtype: np.dtype | None = field(repr=False)
+    beta_dtype: np.dtype | None = field(repr=False)
+    x3: np.ndarray | None = field(default=None, repr=False)
+    y3: np.ndarray | None = field(default=None, repr=False)
+    training: bool = True
+    reducer: Reducer = field(default=LOCAL, repr=False)
+
+
+AnyCache = BatchNormCache | GhostBatchNormCache
 
 
 def as_3d(x: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
@@ -184,7 +268,15 @@ def as_3d(x: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
     return x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
 
 
-def _count_error(count: int, min_count: int, shape: tuple[int, ...], axis) -> ValueError:
+def _count_error(
+    count: int, min_count: int, shape: tuple[int, ...], axis, features: int | None = None
+) -> ValueError:
+    if features is not None:  # a mask: the count is the same for every feature
+        return ValueError(
+            f"expected at least {min_count} valid value(s) (mask True) per feature"
+            f"{' in training' if min_count > 1 else ''}, got {count} for each of the "
+            f"{features} features (all of them) of x with shape {shape}; nothing was updated"
+        )
     if min_count > 1:
         return ValueError(
             f"expected more than 1 value per feature in training, got x of shape {shape} "
@@ -273,10 +365,19 @@ def input_grad(
     else:
         q = np.zeros_like(k)
         r = q
-    return cache.backend.grad_input(
-        dy3, cache.x3, cache.center, k.astype(dtype), q.astype(dtype), r.astype(dtype),
+    kd = k.astype(dtype)
+    dx3 = cache.backend.grad_input(
+        dy3, cache.x3, cache.center, kd, q.astype(dtype), r.astype(dtype),
         mask=cache.y3, out=out3,
     )
+    if cache.training and cache.mask is not None:
+        # Masked-out values do not enter the statistics: only the direct term k * dy (through
+        # the ReLU of a fused activation) reaches them.
+        direct = dy3 * kd.reshape(1, -1, 1)
+        if cache.y3 is not None:
+            direct *= cache.y3 > 0
+        np.copyto(dx3, direct, where=~cache.mask)
+    return dx3
 
 
 def _out3(out: np.ndarray | None, axis: int, dtype: np.dtype) -> np.ndarray | None:
@@ -298,6 +399,41 @@ def _output(
     return y if y.dtype is dtype else y.astype(dtype)
 
 
+def masked_values(x3: np.ndarray, mask3: np.ndarray) -> np.ndarray:
+    """The values of `x3` (A, C, B) where `mask3` (A, 1, B) is True, as an (M, C, 1) array (a
+    copy), for the backends' ``moments``."""
+    return np.moveaxis(x3, 1, 2)[mask3[:, 0, :]][:, :, None]
+
+
+def mask_3d(mask: np.ndarray, axis: int) -> np.ndarray:
+    """A checked mask (x's dims, size 1 on `axis`) viewed as (A, 1, B)."""
+    return as_3d(mask, axis, mask.dtype)
+
+
+def renorm_factors(
+    mean: np.ndarray,
+    var: np.ndarray,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    eps: float,
+    rmax: float,
+    dmax: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batch Renormalization's ``(r, d)`` (Ioffe 2017, Algorithm 1), float64 of shape (C,).
+
+    ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and ``d = clip((mu_B - mu) / sigma, -dmax,
+    dmax)`` with ``sigma_B = sqrt(var + eps)`` and ``sigma = sqrt(running_var + eps)``. With
+    ``rmax = 1`` and ``dmax = 0`` they are exactly 1 and 0.
+    """
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        mean = np.asarray(mean, dtype=np.float64)
+        sigma_b = np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+        sigma = np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+        r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
+        d = np.clip((mean - np.asarray(running_mean, dtype=np.float64)) / sigma, -dmax, dmax)
+    return r, d
+
+
 def train_forward(
     x: np.ndarray,
     axis: int,
@@ -312,6 +448,8 @@ def train_forward(
     axis_label: int | None = None,
     activation: str | None = None,
     out: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    renorm: tuple[np.ndarray, np.ndarray, float, float] | None = None,
 ) -> tuple[np.ndarray, BatchNormCache]:
     """The training forward of every layer and kernel, on checked arguments.
 
@@ -320,33 +458,55 @@ def train_forward(
     given). `axis` must be a non-negative index, `gamma`, `beta` vectors of ``x.shape[axis]``
     values (or None), `activation` checked, `out` checked with :func:`check_out`.
 
+    `mask` (checked by :func:`batchnorm.checks.check_mask`: x's dims with size 1 on `axis`)
+    restricts the statistics to the values where it is True; the reducer then sees those
+    values only, as an (M, C, 1) array, so a reducer that communicates merges masked counts
+    like any others. `renorm` = ``(running_mean, running_var, rmax, dmax)`` turns the step
+    into Batch Renormalization: the statistics give ``(r, d)`` (:func:`renorm_factors`) and the
+    normalize pass uses the effective scale ``gamma * r`` and shift ``gamma * d + beta``.
+    The fused forward kernel is skipped with either (it computes statistics and output in
+    one call).
+
     Raises
     ------
     ValueError
         Fewer than `min_count` values per feature (over all processes, for a reducer that
-        communicates); non-finite statistics when `check_finite`.
+        communicates; masked-in values with a mask); non-finite statistics when
+        `check_finite`.
     """
     x3 = as_3d(x, axis, compute_dtype(x.dtype))
+    m3 = None if mask is None else mask_3d(mask, axis)
     count = x3.shape[0] * x3.shape[2]
     relu = activation == "relu"
     out3 = _out3(out, axis, x3.dtype)
     fused = None
-    if reducer.local and count >= min_count:
+    if reducer.local and count >= min_count and m3 is None and renorm is None:
         fused = backend.train_forward(x3, gamma, beta, eps, relu=relu, out=out3)
+    r = d = None
     if fused is None:
+        xs = x3 if m3 is None else masked_values(x3, m3)
         count, mean, var = reducer.moments(
-            backend, x3, check_finite=check_finite, shape=x.shape
+            backend, xs, check_finite=check_finite, shape=x.shape
         )
         if count < min_count:
             label = axis if axis_label is None else axis_label
-            raise _count_error(count, min_count, x.shape, label)
+            raise _count_error(count, min_count, x.shape, label,
+                               None if m3 is None else x3.shape[1])
+        g_eff, b_eff = gamma, beta
+        if renorm is not None:
+            r, d = renorm_factors(mean, var, *renorm[:2], eps, *renorm[2:])
+            g64 = 1.0 if gamma is None else gamma.astype(np.float64)
+            g_eff = g64 * r
+            b_eff = g64 * d if beta is None else g64 * d + beta
         y3, center, inv_std = normalize_with_stats(
-            x3, mean, var, gamma, beta, eps, backend, relu, out3
+            x3, mean, var, g_eff, b_eff, eps, backend, relu, out3
         )
+        gamma_c = None if g_eff is None else g_eff.astype(x3.dtype)
     else:
         y3, mean, var, center, inv_std, finite = fused
         if check_finite and not finite:
             raise nonfinite_error(mean, var, x.shape)
+        gamma_c = None if gamma is None else gamma.astype(x3.dtype)
     cache = BatchNormCache(
         mean=mean,
         var=var,
@@ -355,7 +515,7 @@ def train_forward(
         x3=x3,
         center=center,
         inv_std=inv_std,
-        gamma=None if gamma is None else gamma.astype(x3.dtype),
+        gamma=gamma_c,
         gamma_dtype=None if gamma is None else gamma.dtype,
         beta_dtype=None if beta is None else beta.dtype,
         shape=x.shape,
@@ -366,8 +526,111 @@ def train_forward(
         reducer=reducer,
         activation=activation,
         y3=y3 if relu else None,
+        mask=m3,
+        renorm_r=r,
+        renorm_d=d,
     )
     return _output(y3, x.shape, x.dtype, out), cache
+
+
+def ghost_chunks(n: int, virtual_batch_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each virtual batch of `n` samples.
+
+    Consecutive chunks of `virtual_batch_size` samples; the last holds the remainder. A
+    remainder of a single sample joins the chunk before it (its statistics would otherwise be
+    those of one sample), so that last chunk has ``virtual_batch_size + 1`` samples.
+    """
+    v = int(virtual_batch_size)
+    bounds = [(lo, min(lo + v, n)) for lo in range(0, n, v)]
+    if len(bounds) > 1 and v > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2] = (bounds[-2][0], n)
+        bounds.pop()
+    return bounds or [(0, 0)]
+
+
+def ghost_train_forward(
+    x: np.ndarray,
+    axis: int,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    eps: float,
+    backend: Backend,
+    virtual_batch_size: int,
+    *,
+    min_count: int = 1,
+    check_finite: bool = False,
+    axis_label: int | None = None,
+    activation: str | None = None,
+    out: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    renorm: tuple[np.ndarray, np.ndarray, float, float] | None = None,
+) -> tuple[np.ndarray, GhostBatchNormCache]:
+    """Ghost batch normalization (Hoffer, Hubara & Soudry 2017): :func:`train_forward` applied
+    to each virtual batch of :func:`ghost_chunks` along axis 0 (the batch axis), on checked
+    arguments (``axis >= 1``). The statistics are local: a virtual batch is a part of this
+    call's batch.
+
+    Raises
+    ------
+    ValueError
+        As :func:`train_forward` for a virtual batch, naming it.
+    """
+    bounds = ghost_chunks(x.shape[0], virtual_batch_size)
+    ys, caches = [], []
+    for i, (lo, hi) in enumerate(bounds):
+        try:
+            y, cache = train_forward(
+                x[lo:hi], axis, gamma, beta, eps, backend, LOCAL, min_count=min_count,
+                check_finite=check_finite, axis_label=axis_label, activation=activation,
+                out=None if out is None else out[lo:hi],
+                mask=None if mask is None else mask[lo:hi], renorm=renorm,
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"virtual batch {i} of {len(bounds)} (samples {lo}:{hi} of axis 0): {err}"
+            ) from None
+        ys.append(y)
+        caches.append(cache)
+    means = np.stack([c.mean for c in caches])
+    variances = np.stack([c.var for c in caches])
+    counts = np.array([c.count for c in caches], dtype=np.int64)
+    # The whole batch's statistics, merged exactly from the parts (for population statistics).
+    total = int(counts.sum())
+    w = counts[:, None] / total
+    mean = (w * means).sum(axis=0)
+    var = (w * (variances + (means - mean) ** 2)).sum(axis=0)
+    y = out if out is not None else np.concatenate(ys, axis=0)
+    cache = GhostBatchNormCache(
+        chunks=caches,
+        bounds=bounds,
+        mean=mean,
+        var=var,
+        count=total,
+        chunk_mean=means,
+        chunk_var=variances,
+        chunk_count=counts,
+        shape=x.shape,
+        dtype=x.dtype,
+        axis=axis,
+        gamma_dtype=caches[0].gamma_dtype,
+        beta_dtype=caches[0].beta_dtype,
+        x3=x,
+        y3=y if activation == "relu" else None,
+    )
+    return y, cache
+
+
+def ghost_running_inputs(
+    cache: GhostBatchNormCache, unbiased: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The batch mean and variance a ghost step feeds the running update: the average of the
+    virtual batches' means and of their variances (tf.keras 2's convention), each variance
+    corrected by ``n_k / (n_k - 1)`` first when `unbiased`."""
+    var = cache.chunk_var
+    if unbiased:
+        n = cache.chunk_count.astype(np.float64)[:, None]
+        var = var * n / np.maximum(n - 1, 1)
+    return cache.chunk_mean.mean(axis=0), var.mean(axis=0)
 
 
 def inference_forward(
@@ -418,12 +681,19 @@ def inference_forward(
 
 
 def backward(
-    dy: np.ndarray, cache: BatchNormCache, out: np.ndarray | None = None
+    dy: np.ndarray, cache: AnyCache, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The backward of every layer and kernel, on a checked `dy`: ``(dx, dgamma, dbeta)`` with
     ``dx`` in the input's dtype (written into `out`, checked with :func:`check_out`, when
     given) and the parameter gradients in float64 (this process's share for a reducer that
     communicates; ``dx`` uses the sums over all processes)."""
+    if isinstance(cache, GhostBatchNormCache):
+        parts = [
+            backward(dy[lo:hi], c, None if out is None else out[lo:hi])
+            for (lo, hi), c in zip(cache.bounds, cache.chunks, strict=True)
+        ]
+        dx = out if out is not None else np.concatenate([p[0] for p in parts], axis=0)
+        return dx, sum(p[1] for p in parts), sum(p[2] for p in parts)
     x3 = cache.x3
     dy3 = as_3d(dy, cache.axis, x3.dtype)
     out3 = _out3(out, cache.axis, x3.dtype)
@@ -431,7 +701,7 @@ def backward(
     reducer = cache.reducer
     be = cache.backend
     fused = None
-    if reducer.local:
+    if reducer.local and cache.mask is None:
         fused = be.backward(
             dy3, x3, cache.center, cache.mean, cache.inv_std, cache.gamma, cache.count,
             cache.training, mask=mask, out=out3,
@@ -447,6 +717,9 @@ def backward(
             dx3 = input_grad(cache, dy3, dgamma, dbeta, out3)
     else:
         dx3, dgamma, dbeta = fused
+    if cache.renorm_r is not None:
+        # y = gamma * (x_hat * r + d) + beta: dgamma = sum(dy * x_hat) * r + sum(dy) * d.
+        dgamma = dgamma * cache.renorm_r + dbeta * cache.renorm_d
     return _output(dx3, cache.shape, cache.dtype, out), dgamma, dbeta
 
 
@@ -465,6 +738,7 @@ def batch_norm_train(
     reducer: Reducer | None = None,
     activation: str | None = None,
     out: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, BatchNormCache]:
     """Batch normalization with the statistics of the batch itself, optionally followed by a
     fused ReLU.
@@ -491,6 +765,10 @@ def batch_norm_train(
         Where to write ``y``: C-contiguous, of the shape and dtype of `x`, writeable, sharing
         no memory with `x`, `gamma` or `beta`. It is returned. With an activation the cache
         refers to it: do not modify it before the backward.
+    mask : bool ndarray of x's shape without the feature axis, or None
+        True marks the values the statistics cover (``(N, L)`` for ``(N, C, L)`` input; also
+        accepted: x's dims with size 1 on the feature axis, broadcastable to x). The output is
+        computed at every position. None: every value counts.
 
     Returns
     -------
@@ -503,11 +781,11 @@ def batch_norm_train(
     ------
     TypeError
         For a non-float `x`, `gamma` or `beta`, an `activation` that is not a string or None,
-        an `out` that is not an ndarray or has another dtype than `x`.
+        an `out` that is not an ndarray or has another dtype than `x`, a mask that is not bool.
     ValueError
         For fewer than 2 dims, an axis out of range, `gamma`/`beta` of the wrong size, an
-        empty batch, an unknown `activation`, or an `out` of another shape, not C-contiguous,
-        read-only or overlapping an input.
+        empty batch (no masked-in value), an unknown `activation`, an `out` of another shape,
+        not C-contiguous, read-only or overlapping an input, or a mask of the wrong shape.
 
     Notes
     -----
@@ -516,16 +794,106 @@ def batch_norm_train(
     """
     reducer = LOCAL if reducer is None else reducer
     with reducer.guard("forward"):
-        x, ax = check_input(x, axis)
-        eps = check_eps(eps)
+        x, ax, gamma, beta, eps, be, activation, out, mask = _check_train_args(
+            x, axis, gamma, beta, eps, backend, activation, out, mask
+        )
+    return train_forward(x, ax, gamma, beta, eps, be, reducer, activation=activation, out=out,
+                         mask=mask)
+
+
+def _check_train_args(x, axis, gamma, beta, eps, backend, activation, out, mask):
+    x, ax = check_input(x, axis)
+    eps = check_eps(eps)
+    c = x.shape[ax]
+    gamma = None if gamma is None else check_vector(gamma, "gamma", c, x.shape, ax)
+    beta = None if beta is None else check_vector(beta, "beta", c, x.shape, ax)
+    be = get_backend(backend)
+    activation = check_activation(activation)
+    if out is not None:
+        out = check_out(out, "y", x.shape, x.dtype, {"x": x, "gamma": gamma, "beta": beta})
+    mask = None if mask is None else check_mask(mask, x.shape, ax)
+    return x, ax, gamma, beta, eps, be, activation, out, mask
+
+
+def check_renorm_bounds(rmax, dmax) -> tuple[float, float]:
+    """`rmax` >= 1 and `dmax` >= 0 as floats (infinity allowed: no clipping)."""
+    got = []
+    for name, v, low in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
+        if isinstance(v, (str, bytes, bool)) or not isinstance(v, (int, float, np.number)):
+            raise TypeError(f"expected {name} to be a float >= {low:g}, got {v!r}")
+        v = float(v)
+        if not v >= low:
+            raise ValueError(f"expected {name} >= {low:g}, got {v}")
+        got.append(v)
+    return got[0], got[1]
+
+
+def batch_renorm_train(
+    x: np.ndarray,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    *,
+    rmax: float = 3.0,
+    dmax: float = 5.0,
+    axis: int = 1,
+    eps: float = 1e-5,
+    backend: str | Backend | None = None,
+    reducer: Reducer | None = None,
+    activation: str | None = None,
+    out: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, BatchNormCache]:
+    """Batch Renormalization's training step (Ioffe 2017, Algorithm 1).
+
+    Parameters
+    ----------
+    x, gamma, beta, axis, eps, backend, reducer, activation, out, mask
+        As in :func:`batch_norm_train`.
+    running_mean, running_var : ndarray of shape (C,)
+        The moving statistics ``mu`` and ``sigma**2 - eps`` of the paper (not modified here).
+    rmax : float >= 1, default 3.0
+    dmax : float >= 0, default 5.0
+        Clipping bounds of the correction; ``rmax=1, dmax=0`` is batch normalization exactly.
+
+    Returns
+    -------
+    y : ndarray, same shape and dtype as `x`
+    cache : BatchNormCache
+        For :func:`batch_norm_backward`; ``cache.renorm_r`` and ``cache.renorm_d`` hold the
+        correction.
+
+    Notes
+    -----
+    With the batch statistics ``mu_B``, ``sigma_B = sqrt(var_B + eps)`` and
+    ``sigma = sqrt(running_var + eps)``::
+
+        r = clip(sigma_B / sigma, 1/rmax, rmax),  d = clip((mu_B - running_mean) / sigma,
+                                                           -dmax, dmax)
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+
+    ``r`` and ``d`` are constants in backward (the paper's stop-gradient): ``dx`` is batch
+    normalization's with the scale ``gamma * r``, ``dgamma = sum(dy * (x_hat * r + d))`` and
+    ``dbeta = sum(dy)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As in :func:`batch_norm_train`; also for running statistics of the wrong size and
+        `rmax` < 1 or `dmax` < 0.
+    """
+    reducer = LOCAL if reducer is None else reducer
+    with reducer.guard("forward"):
+        x, ax, gamma, beta, eps, be, activation, out, mask = _check_train_args(
+            x, axis, gamma, beta, eps, backend, activation, out, mask
+        )
         c = x.shape[ax]
-        gamma = None if gamma is None else check_vector(gamma, "gamma", c, x.shape, ax)
-        beta = None if beta is None else check_vector(beta, "beta", c, x.shape, ax)
-        be = get_backend(backend)
-        activation = check_activation(activation)
-        if out is not None:
-            out = check_out(out, "y", x.shape, x.dtype, {"x": x, "gamma": gamma, "beta": beta})
-    return train_forward(x, ax, gamma, beta, eps, be, reducer, activation=activation, out=out)
+        running_mean = check_vector(running_mean, "running_mean", c, x.shape, ax)
+        running_var = check_vector(running_var, "running_var", c, x.shape, ax)
+        rmax, dmax = check_renorm_bounds(rmax, dmax)
+    return train_forward(x, ax, gamma, beta, eps, be, reducer, activation=activation, out=out,
+                         mask=mask, renorm=(running_mean, running_var, rmax, dmax))
 
 
 @overload
@@ -600,7 +968,7 @@ def batch_norm_inference(
 
 
 def batch_norm_backward(
-    dy: np.ndarray, cache: BatchNormCache, *, out: np.ndarray | None = None
+    dy: np.ndarray, cache: AnyCache, *, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Gradients of a forward call with respect to its input and parameters.
 
@@ -608,9 +976,10 @@ def batch_norm_backward(
     ----------
     dy : ndarray, same shape as the forward input
         Gradient of the loss with respect to ``y``.
-    cache : BatchNormCache
-        From :func:`batch_norm_train` (batch statistics: the gradient flows through them) or
-        :func:`batch_norm_inference` with ``return_cache=True`` (a fixed transform). With a
+    cache : BatchNormCache or GhostBatchNormCache
+        From :func:`batch_norm_train` or :func:`batch_renorm_train` (batch statistics: the
+        gradient flows through them), :func:`batch_norm_inference` with
+        ``return_cache=True`` (a fixed transform) or :func:`ghost_train_forward`. With a
         fused activation, `dy` is the gradient with respect to its output ``y'``.
     out : ndarray or None
         Where to write ``dx``: C-contiguous, of the shape and dtype of the forward input,
@@ -632,7 +1001,7 @@ def batch_norm_backward(
         For a non-float `dy`, a `cache` that is not a BatchNormCache, an `out` that is not an
         ndarray or of another dtype.
     """
-    if not isinstance(cache, BatchNormCache):
+    if not isinstance(cache, (BatchNormCache, GhostBatchNormCache)):
         raise TypeError(f"expected a BatchNormCache from a forward call, got {type(cache)}")
     with cache.reducer.guard("backward"):
         dy = check_dy(dy, cache.shape)

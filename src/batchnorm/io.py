@@ -39,9 +39,10 @@ _MAX_CONFIG_CHARS = 1 << 20
 
 _LAYER_CONFIG_KEYS = frozenset(
     ("class", "num_features", "axis", "eps", "momentum", "affine", "track_running_stats",
-     "unbiased", "dtype", "frozen", "trainable_affine", "activation")
+     "unbiased", "dtype", "frozen", "trainable_affine", "activation", "virtual_batch_size",
+     "rmax", "dmax")
 )
-_LAYER_CLASSES = ("BatchNorm", "SyncBatchNorm")
+_LAYER_CLASSES = ("BatchNorm", "SyncBatchNorm", "BatchRenorm", "SyncBatchRenorm")
 
 # safetensors dtype names by kind: "f" floats numpy can hold, "i" integers.
 _ST_KINDS = {
@@ -424,8 +425,14 @@ def _layer_spec(name: str, config: dict[str, Any]) -> tuple[dict[str, Any], Spec
         )
     cls = config.pop("class", "BatchNorm")
     if cls not in _LAYER_CLASSES:
-        raise LoadError(f"{name!r}: expected a saved BatchNorm, got class {cls!r}")
-    unknown = sorted(set(config) - _LAYER_CONFIG_KEYS)
+        raise LoadError(
+            f"{name!r}: expected a saved BatchNorm or BatchRenorm, got class {cls!r}"
+        )
+    renorm = cls in ("BatchRenorm", "SyncBatchRenorm")
+    if not renorm and ({"rmax", "dmax"} & set(config)):
+        raise LoadError(f"{name!r}: rmax and dmax belong to a BatchRenorm, not a {cls}")
+    config["renorm"] = renorm
+    unknown = sorted(set(config) - _LAYER_CONFIG_KEYS - {"renorm"})
     if unknown:
         raise LoadError(
             f"{name!r}: unknown configuration key(s) {unknown}; expected some of "
@@ -459,7 +466,7 @@ def load(path: str | os.PathLike, *, backend: str | Backend | None = None) -> An
 
     Returns
     -------
-    BatchNorm
+    BatchNorm or BatchRenorm
         With the saved configuration and state.
 
     Raises
@@ -477,6 +484,7 @@ def load(path: str | os.PathLike, *, backend: str | Backend | None = None) -> An
         For a ``.safetensors`` file without the ``safetensors`` package.
     """
     from .layers import BatchNorm  # layers imports this module for save
+    from .renorm import BatchRenorm, bound_from_config
 
     name = os.fspath(path)
     configs: list[dict[str, Any]] = []
@@ -491,7 +499,13 @@ def load(path: str | os.PathLike, *, backend: str | Backend | None = None) -> An
     frozen = config.pop("frozen", False)
     trainable_affine = config.pop("trainable_affine", True)
     try:
-        layer = BatchNorm(config.pop("num_features"), backend=backend, **config)
+        if config.pop("renorm"):
+            for key in ("rmax", "dmax"):
+                if key in config:
+                    config[key] = bound_from_config(config[key], key)
+            layer = BatchRenorm(config.pop("num_features"), backend=backend, **config)
+        else:
+            layer = BatchNorm(config.pop("num_features"), backend=backend, **config)
         if not isinstance(frozen, bool):
             raise TypeError(f"expected frozen to be true or false, got {frozen!r}")
         if frozen:

@@ -22,6 +22,7 @@ from .checks import (
     check_eps,
     check_input,
     check_int,
+    check_mask,
     check_momentum,
     check_state_vector,
     compute_dtype,
@@ -282,8 +283,18 @@ class _NormBase:
         reducer: Reducer | None = None,
         activation: str | None = None,
         reuse_outputs: bool = False,
+        virtual_batch_size: int | None = None,
     ) -> None:
         self.num_features = check_int(num_features, "num_features", 1)
+        if virtual_batch_size is not None:
+            virtual_batch_size = check_int(virtual_batch_size, "virtual_batch_size", 1)
+            if reducer is not None and not reducer.local:
+                raise ValueError(
+                    "expected virtual_batch_size=None with a reducer that communicates: "
+                    "virtual batches are parts of this process's batch, got "
+                    f"virtual_batch_size={virtual_batch_size} and {reducer!r}"
+                )
+        self.virtual_batch_size = virtual_batch_size
         self.activation = activation
         self.reuse_outputs = check_bool(reuse_outputs, "reuse_outputs")
         self._y_buf: np.ndarray | None = None
@@ -418,6 +429,8 @@ class _NormBase:
         extra = "" if self.activation is None else f", activation={self.activation!r}"
         if self.reuse_outputs:
             extra += ", reuse_outputs=True"
+        if self.virtual_batch_size is not None:
+            extra += f", virtual_batch_size={self.virtual_batch_size}"
         return (
             f"{self.num_features}, axis={self.axis}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
@@ -530,6 +543,7 @@ class _NormBase:
             "frozen": self.frozen,
             "trainable_affine": self.trainable_affine,
             "activation": self.activation,
+            "virtual_batch_size": self.virtual_batch_size,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -583,6 +597,16 @@ class BatchNorm(_NormBase):
         what you keep; and with an activation the backward reads the forward's output, which
         must not be changed before it. A new array is taken when the shape or dtype changes or
         the input shares memory with the kept array.
+    reducer : Reducer or None
+        Where training statistics are combined (:mod:`batchnorm.reducers`); None: this batch.
+    virtual_batch_size : int or None, default None
+        Ghost batch normalization (Hoffer, Hubara & Soudry 2017): in training, axis 0 is cut
+        into consecutive virtual batches of this many samples, each normalised with its own
+        statistics (see :func:`batchnorm.functional.ghost_chunks` for the last one). The
+        running statistics are updated once per call with the average of the virtual
+        batches' means and of their variances (tf.keras 2's convention; with ``unbiased``
+        each variance is corrected by its own ``n_k/(n_k-1)`` first). Eval mode is unchanged.
+        Needs a local reducer and a feature axis other than 0.
 
     Notes
     -----
@@ -591,10 +615,15 @@ class BatchNorm(_NormBase):
 
     Training batches with NaN or Inf raise ValueError and change nothing; in eval mode
     non-finite values pass through to the output elementwise.
+
+    ``forward(x, mask)`` restricts the batch statistics (and so the running statistics) to the
+    values where the boolean `mask` is True, as Flax's ``BatchNorm(mask=...)`` does; the output
+    is computed everywhere. In eval mode the running statistics are used and the mask is
+    checked but has no effect.
     """
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.forward(x)
+    def __call__(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        return self.forward(x, mask)
 
     def _check_input(self, x) -> tuple[np.ndarray, int]:
         """`x` and its feature axis; the public arrays (which a user may have replaced) still
@@ -613,13 +642,37 @@ class BatchNorm(_NormBase):
             check_state_vector(self.running_var, "running_var", c, "num_features")
         return x, ax
 
+    def _renorm(self) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+        """Batch Renormalization's ``(running_mean, running_var, rmax, dmax)`` for this training
+        step (see :class:`batchnorm.BatchRenorm`); None: batch normalization."""
+        return None
+
+    def _ghost_size(self, ax: int) -> int | None:
+        v = self.virtual_batch_size
+        if v is None:
+            return None
+        if ax == 0:
+            raise ValueError(
+                "expected a feature axis other than 0 with virtual_batch_size: virtual batches "
+                f"cut axis 0, the batch axis; got axis={self.axis}"
+            )
+        if not self.reducer.local:
+            raise ValueError(
+                f"expected a local reducer with virtual_batch_size={v}, got {self.reducer!r}"
+            )
+        return v
+
     # forward / backward ----------------------------------------------------------------------
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Normalise `x`.
 
         Parameters
         ----------
         x : ndarray with ``x.shape[axis] == num_features``
+        mask : bool ndarray of x's shape without the feature axis, or None
+            True marks the values the batch statistics cover (``(N, L)`` for ``(N, C, L)``
+            input, say; also accepted: x's dims with size 1 on the feature axis,
+            broadcastable to x). The output is computed at every position. None: all values.
 
         Returns
         -------
@@ -628,11 +681,12 @@ class BatchNorm(_NormBase):
         Raises
         ------
         TypeError
-            For a non-float `x`.
+            For a non-float `x` or a non-bool `mask`.
         ValueError
-            For fewer than 2 dims, an axis out of range, a feature-size mismatch, a training
-            batch with a single value per feature, non-finite values in a training batch, new
-            running statistics that overflow the layer's dtype, or read-only running
+            For fewer than 2 dims, an axis out of range, a feature-size mismatch, a mask of the
+            wrong shape, a training batch (or virtual batch) with fewer than 2 values per
+            feature (masked-in values with a mask), non-finite values in a training batch,
+            new running statistics that overflow the layer's dtype, or read-only running
             statistics in training. Nothing changes when it raises.
         """
         training = self.training and not self.frozen
@@ -640,15 +694,25 @@ class BatchNorm(_NormBase):
         reducer = self.reducer if training else LOCAL
         with reducer.guard("forward"):
             x, ax = self._check_input(x)
+            if mask is not None:
+                mask = check_mask(mask, x.shape, ax)
             if update:
                 _check_writeable(self, ("running_mean", "running_var"))
+            ghost = self._ghost_size(ax) if training else None
+            renorm = self._renorm() if training else None
         out = self._buffer("_y_buf", x.shape, x.dtype, x)
         if training or not self.track_running_stats:
-            y, cache = F.train_forward(
-                x, ax, self.gamma, self.beta, self.eps, self.backend, reducer,
-                min_count=2 if training else 1, check_finite=training, axis_label=self.axis,
-                activation=self.activation, out=out,
-            )
+            kw = dict(min_count=2 if training else 1, check_finite=training,
+                      axis_label=self.axis, activation=self.activation, out=out, mask=mask,
+                      renorm=renorm)
+            if ghost is None:
+                y, cache = F.train_forward(
+                    x, ax, self.gamma, self.beta, self.eps, self.backend, reducer, **kw
+                )
+            else:
+                y, cache = F.ghost_train_forward(
+                    x, ax, self.gamma, self.beta, self.eps, self.backend, ghost, **kw
+                )
         else:
             y, cache = F.inference_forward(
                 x, ax, self.gamma, self.beta, self.running_mean, self.running_var, self.eps,
@@ -656,9 +720,14 @@ class BatchNorm(_NormBase):
             )
         if update:
             nbt = self.num_batches_tracked + 1
+            if ghost is None:
+                mean, var, unbiased = cache.mean, cache.var, self.unbiased
+            else:
+                mean, var = F.ghost_running_inputs(cache, self.unbiased)
+                unbiased = False
             new_mean, new_var, fits = F.running_step(
-                self.running_mean, self.running_var, cache.mean, cache.var, cache.count,
-                momentum=self.momentum, num_batches_tracked=nbt, unbiased=self.unbiased,
+                self.running_mean, self.running_var, mean, var, cache.count,
+                momentum=self.momentum, num_batches_tracked=nbt, unbiased=unbiased,
                 backend=self.backend,
             )
             if not fits:

@@ -112,6 +112,11 @@ def batch_norm_double_backward(
     """
     if not isinstance(cache, BatchNormCache):
         raise TypeError(f"expected a BatchNormCache from a forward call, got {type(cache)}")
+    if cache.mask is not None or cache.renorm_r is not None:
+        raise ValueError(
+            "expected a cache of plain batch normalization, got one from a masked or Batch "
+            "Renormalization forward (their second derivatives are not implemented)"
+        )
     dy = _check_full(dy, "dy", cache)
     ddx = _check_full(ddx, "ddx", cache)
     c = cache.shape[cache.axis]
