@@ -19,6 +19,11 @@ train BATCH EPOCHS MAX_STEPS
     Data-parallel training with the demo's loop equals single-process training.
 stuck
     Rank 1 never enters the forward; the others have ``timeout=2`` and must abort the job.
+variants SIZES BACKENDS
+    Masks and Batch Renormalization: SyncBatchNorm with a mask against BatchNorm on the
+    concatenated batch and mask, SyncBatchRenorm (with and without a mask) against BatchRenorm
+    on the concatenated batch; a bad mask on one rank and a global mask with one valid value
+    raise on every rank and change nothing.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from batchnorm import BatchNorm
-from batchnorm.distributed import SyncBatchNorm
+from batchnorm import BatchNorm, BatchRenorm
+from batchnorm.distributed import SyncBatchNorm, SyncBatchRenorm
 
 COMM = MPI.COMM_WORLD
 RANK = COMM.Get_rank()
@@ -216,6 +221,80 @@ def check_train(batch_size: int, epochs: int, max_steps: int) -> str:
             f"acc_diff_max={worst_acc} param_rel_max={worst_param:.1e}")
 
 
+def check_variants(sizes: list[int], backends: list[str]) -> str:
+    assert len(sizes) == SIZE, f"expected {SIZE} shard sizes, got {sizes}"
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    lo, hi = int(starts[RANK]), int(starts[RANK + 1])
+    total = int(starts[-1])
+    worst: dict[str, float] = {}
+    runs = 0
+    for backend in backends:
+        for dtype in (np.float64, np.float32):
+            tol = TOL[dtype]
+            for sample, axis in LAYOUTS:
+                ax = axis % (len(sample) + 1)
+                c = sample[ax - 1]
+                mshape = tuple(s for i, s in enumerate(sample) if i != ax - 1)
+                for kind in ("masked", "renorm", "masked-renorm"):
+                    tag = f"{backend}/{np.dtype(dtype).name[5:]}/{kind}:"
+                    rng = np.random.default_rng(99)  # the same global data on every rank
+                    kw = dict(axis=axis, dtype=dtype, momentum=0.8, unbiased=True)
+                    if kind == "masked":
+                        ref = BatchNorm(c, backend="numpy", **kw)
+                        syn = SyncBatchNorm(c, backend=backend, **kw)
+                    else:
+                        ref = BatchRenorm(c, rmax=1.4, dmax=0.6, backend="numpy", **kw)
+                        syn = SyncBatchRenorm(c, rmax=1.4, dmax=0.6, backend=backend, **kw)
+                    for layer in (ref, syn):
+                        layer.gamma[:] = np.linspace(0.5, 2.0, c)
+                        layer.beta[:] = np.linspace(-1.0, 1.0, c)
+                    for step in range(3):
+                        x = (rng.standard_normal((total, *sample)) * (1 + step) + 100
+                             + step).astype(dtype)
+                        dy = rng.standard_normal(x.shape).astype(dtype)
+                        mask = None
+                        if kind != "renorm":
+                            mask = rng.random((total, *mshape)) > 0.4
+                            mask[:2] = True  # at least 2 valid values in the global batch
+                            # Padding holds values the statistics must not see.
+                            x = np.where(np.expand_dims(mask, ax), x, dtype(1e3))
+                        y_ref = ref.forward(x, mask)
+                        dx_ref = ref.backward(dy)
+                        y = syn.forward(x[lo:hi], None if mask is None else mask[lo:hi])
+                        dx = syn.backward(dy[lo:hi])
+                        close(tag + "y", y, y_ref[lo:hi], tol, worst)
+                        close(tag + "dx", dx, dx_ref[lo:hi], tol, worst)
+                        close(tag + "dgamma", allsum(syn.dgamma), ref.dgamma, tol, worst)
+                        close(tag + "dbeta", allsum(syn.dbeta), ref.dbeta, tol, worst)
+                        close(tag + "running_mean", syn.running_mean, ref.running_mean, tol,
+                              worst)
+                        close(tag + "running_var", syn.running_var, ref.running_var, tol, worst)
+                        assert same_on_all_ranks(syn.running_var)
+                    runs += 1
+    # Bad masks: on one rank (its dtype or shape), or too few valid values over all ranks.
+    layer = SyncBatchNorm(3, dtype=np.float64, backend="numpy")
+    x = np.random.default_rng(RANK).standard_normal((max(sizes[RANK], 1), 3, 4))
+    good = np.ones((x.shape[0], 4), bool)
+    peer = (f"rank 0 of {SIZE}",)
+    cases = [
+        (good.astype(np.int8), TypeError, ("bool",) if RANK == 0 else peer),
+        (good[:, :3], ValueError, ("mask of shape",) if RANK == 0 else peer),
+    ]
+    for bad, cls, needles in cases:
+        mask = bad if RANK == 0 else good
+        expect_raise(lambda mask=mask: layer.forward(x, mask), cls, *needles)
+        assert layer.num_batches_tracked == 0 and layer._cache is None
+    one = np.zeros_like(good)
+    if RANK == SIZE - 1:
+        one[0, 0] = True  # one valid value in the whole global batch
+    expect_raise(lambda: layer.forward(x, one), ValueError, "got 1 for each of the 3 features")
+    assert layer.num_batches_tracked == 0 and np.all(layer.running_var == 1)
+    layer.forward(x, good)
+    assert layer.num_batches_tracked == 1
+    COMM.Barrier()
+    return f"{runs} runs " + " ".join(f"{k}={v:.2g}" for k, v in sorted(worst.items()))
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "exact":
@@ -224,6 +303,8 @@ def main(argv: list[str]) -> int:
         info = check_train(int(argv[1]), int(argv[2]), int(argv[3]))
     elif mode == "bad":
         info = check_bad(int(argv[1]))
+    elif mode == "variants":
+        info = check_variants([int(s) for s in argv[1].split(",")], argv[2].split(","))
     elif mode in ("dead", "stuck"):
         layer = SyncBatchNorm(3, dtype=np.float64, backend="numpy",
                               timeout=2.0 if mode == "stuck" else None)
