@@ -430,13 +430,16 @@ def test_batch_renorm_train_bad_input(rng):
         bn.batch_renorm_train(x, ones, zeros, np.zeros(3, int), ones)
 
 
-def test_batchrenorm_round_trips_through_save_and_load(tmp_path, rng):
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_batchrenorm_round_trips_through_save_and_load(tmp_path, rng, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
     rmax, dmax = bn.renorm_schedule(warmup=1, rmax_step=4, dmax_step=3)
     layer = bn.BatchRenorm(3, rmax=rmax, dmax=dmax, virtual_batch_size=4, backend="numpy")
     for _ in range(2):
         layer.forward(rng.normal(size=(10, 3)).astype(np.float32))
-    layer.save(tmp_path / "r.npz")
-    back = bn.load(tmp_path / "r.npz", backend="numpy")
+    layer.save(tmp_path / f"r{suffix}")
+    back = bn.load(tmp_path / f"r{suffix}", backend="numpy")
     assert type(back) is bn.BatchRenorm
     assert back.rmax == rmax and back.dmax == dmax and back.virtual_batch_size == 4
     assert back.num_batches_tracked == 2
@@ -444,14 +447,31 @@ def test_batchrenorm_round_trips_through_save_and_load(tmp_path, rng):
     np.testing.assert_array_equal(back.forward(x), layer.forward(x))
     np.testing.assert_array_equal(back.running_var, layer.running_var)
     fixed = bn.BatchRenorm(3, rmax=2.0, dmax=1.0)
-    fixed.save(tmp_path / "f.npz")
-    back = bn.load(tmp_path / "f.npz")
+    fixed.save(tmp_path / f"f{suffix}")
+    back = bn.load(tmp_path / f"f{suffix}")
     assert (back.rmax, back.dmax) == (2.0, 1.0)
     assert "rmax=2.0" in repr(back)
     # A function cannot be saved without pickle: an error, and no file.
     with pytest.raises(TypeError, match="cannot be saved without pickle"):
-        bn.BatchRenorm(3, rmax=lambda step: 2.0).save(tmp_path / "bad.npz")
-    assert not (tmp_path / "bad.npz").exists()
+        bn.BatchRenorm(3, rmax=lambda step: 2.0).save(tmp_path / f"bad{suffix}")
+    assert not (tmp_path / f"bad{suffix}").exists()
+
+
+def test_load_refuses_renorm_bounds_on_a_batchnorm_and_bad_ramps(tmp_path):
+    import json
+
+    layer = bn.BatchRenorm(3, rmax=bn.Ramp(1, 3, 0, 5))
+    config = layer._config()
+    for cls, key, value, needle in [
+        ("BatchNorm", "rmax", 2.0, "belong to a BatchRenorm"),
+        ("BatchRenorm", "rmax", {"ramp": [1, 3]}, "rmax as a float or"),
+        ("BatchRenorm", "dmax", -1.0, "dmax >= 0"),
+    ]:
+        bad = dict(config, **{"class": cls, key: value})
+        path = tmp_path / "x.npz"
+        np.savez(path, config=np.array(json.dumps(bad)), **layer.state_dict())
+        with pytest.raises(bn.LoadError, match=needle):
+            bn.load(path)
 
 
 def test_sync_batchrenorm_on_one_rank_is_batchrenorm(rng):

@@ -426,7 +426,8 @@ def _layer_spec(name: str, config: dict[str, Any]) -> tuple[dict[str, Any], Spec
     cls = config.pop("class", "BatchNorm")
     if cls not in _LAYER_CLASSES:
         raise LoadError(
-            f"{name!r}: expected a saved BatchNorm or BatchRenorm, got class {cls!r}"
+            f"{name!r}: expected a saved BatchNorm, got class {cls!r} (expected one of "
+            f"{', '.join(_LAYER_CLASSES)})"
         )
     renorm = cls in ("BatchRenorm", "SyncBatchRenorm")
     if not renorm and ({"rmax", "dmax"} & set(config)):
