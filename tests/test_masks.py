@@ -248,3 +248,39 @@ def test_masked_sequences_example_runs(capsys):
     assert ns["main"]() == 0
     out = capsys.readouterr().out
     assert "ok: the mask removes the padding" in out
+
+
+@pytest.mark.parametrize("variant", ["mask", "ghost", "renorm", "all"])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_variants_with_a_fused_relu_and_reused_outputs(backend, variant, reuse):
+    """Masks, ghost batches and Batch Renorm with ``activation="relu"`` equal the same layer
+    followed by a ReLU, forward and backward (and write into the reused output arrays)."""
+    rng = np.random.default_rng(seed_of((variant, reuse)))
+    kw = dict(dtype=np.float64, backend=backend)
+    if variant in ("ghost", "all"):
+        kw["virtual_batch_size"] = 4
+    if variant in ("renorm", "all"):
+        fused = bn.BatchRenorm(3, rmax=1.5, dmax=0.5, activation="relu", reuse_outputs=reuse,
+                               **kw)
+        plain = bn.BatchRenorm(3, rmax=1.5, dmax=0.5, **kw)
+    else:
+        fused = bn.BatchNorm(3, activation="relu", reuse_outputs=reuse, **kw)
+        plain = bn.BatchNorm(3, **kw)
+    for layer in (fused, plain):
+        layer.gamma[:] = [0.5, 1.0, 2.0]
+        layer.beta[:] = [0.1, -0.2, 0.3]
+    for _ in range(2):
+        x = rng.normal(size=(10, 3, 5)) * 2 + 1
+        mask = None
+        if variant in ("mask", "all"):
+            mask = rng.random((10, 5)) > 0.3
+            mask[:, :2] = True
+        dy = rng.normal(size=x.shape)
+        y = fused.forward(x, mask)
+        y_ref = np.maximum(plain.forward(x, mask), 0)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+        dx = fused.backward(dy)
+        dx_ref = plain.backward(dy * (y_ref > 0))
+        np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(fused.dgamma, plain.dgamma, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(fused.running_var, plain.running_var)
