@@ -29,6 +29,9 @@ inputs run on one thread: waking the thread pool costs more than the work.
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -316,6 +319,21 @@ def _planes_normalize_ser(x, mean, var, gamma, beta, eps, y, center, inv_std, re
     shift = np.empty(c_len, x.dtype)
     _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
     _planes_affine_part(x, center, scale, shift, y, 0, x.shape[0] * x.shape[1], relu)
+
+
+def _rows_normalize_par(x, mean, var, gamma, beta, eps, y, center, inv_std, nthreads, relu):
+    """The coefficients, then the multi-threaded pass (large inputs: two calls cost nothing)."""
+    scale = np.empty(x.shape[1], x.dtype)
+    shift = np.empty(x.shape[1], x.dtype)
+    _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
+    _rows_affine_par(x, center, scale, shift, y, nthreads, relu)
+
+
+def _planes_normalize_par(x, mean, var, gamma, beta, eps, y, center, inv_std, nthreads, relu):
+    scale = np.empty(x.shape[1], x.dtype)
+    shift = np.empty(x.shape[1], x.dtype)
+    _coefs(mean, var, gamma, beta, eps, center, scale, shift, inv_std)
+    _planes_affine_par(x, center, scale, shift, y, nthreads, relu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,15 +773,68 @@ def _mask(mask: np.ndarray | None, x3: np.ndarray) -> np.ndarray | None:
     return _data(mask if mask.dtype is x3.dtype else mask.astype(x3.dtype))
 
 
+# ---------------------------------------------------------------------------------------------
+# choosing the serial or the parallel driver: threads and fork
+#
+# numba's threading layers differ in what they survive (numba's "threading layer" docs):
+# workqueue aborts the process ("Concurrent access has been detected") when two Python
+# threads run parallel kernels at once; GNU OpenMP ("omp" on Linux) kills a forked child that
+# starts a parallel region ("fork() called from a process already using GNU OpenMP"), and a
+# child forked by multiprocessing then leaves its parent waiting forever. So:
+#
+# * one parallel kernel at a time per process: the caller that gets ``_POOL`` runs the
+#   parallel driver, any other thread runs the serial one at the same time instead of waiting
+#   (which also keeps two thread teams from fighting over the cores under omp and tbb);
+# * a forked child runs the serial drivers only, whatever the layer: they never touch it.
+#
+# Every call of a parallel driver goes through ``_run``; a new pair of drivers must too (the
+# fused small-input steps are serial only).
+
+_POOL = threading.Lock()
+_serial_after_fork = False
+
+
 def _threads(size: int) -> int:
-    """Threads for a call on ``size`` elements; 1 means the serial driver."""
-    return 1 if size < _SERIAL_BELOW else numba.get_num_threads()
+    """Threads wanted for a call on ``size`` elements; 1 means the serial driver.
+
+    The one policy for all drivers (tests replace this function to force the serial drivers,
+    or a split into a given number of parts, on any input size).
+    """
+    if size < _SERIAL_BELOW or _serial_after_fork:
+        return 1
+    return numba.get_num_threads()
+
+
+def _run(size: int, ser, par, *args, after: tuple = ()):
+    """``ser(*args, *after)``, or ``par(*args, nthreads, *after)`` when :func:`_threads` wants
+    several threads and no other thread of this process is in a parallel driver (see the
+    comment above)."""
+    nthreads = _threads(size)
+    if nthreads > 1 and _POOL.acquire(blocking=False):
+        try:
+            return par(*args, nthreads, *after)
+        finally:
+            _POOL.release()
+    return ser(*args, *after)
+
+
+def _after_fork_in_child() -> None:
+    global _POOL, _serial_after_fork
+    _serial_after_fork = True
+    # The thread that held the lock in the parent does not exist in the child.
+    _POOL = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class NumbaBackend(Backend):
     """Fused, multi-threaded numba kernels (see the module docstring).
 
     Threads: ``numba.set_num_threads`` or the environment variable ``NUMBA_NUM_THREADS``.
+    Calls from several Python threads at once are safe under every threading layer, and a
+    forked child process runs the serial kernels (see :func:`_run`).
     Outputs are allocated by NumPy, not inside the kernels: NumPy asks Linux for transparent
     huge pages on large arrays, which makes first-touching a fresh output several times
     cheaper (benchmarks/README.md has the numbers).
@@ -776,11 +847,10 @@ class NumbaBackend(Backend):
         a_len, c_len, b_len = x3.shape
         if x3.size == 0:
             raise ValueError(f"expected at least one value per feature, got shape {x3.shape}")
-        nt = _threads(x3.size)
         if b_len == 1:
             x2 = x3.reshape(a_len, c_len)
-            return _rows_moments_ser(x2) if nt == 1 else _rows_moments_par(x2, nt)
-        return _planes_moments_ser(x3) if nt == 1 else _planes_moments_par(x3, nt)
+            return _run(x3.size, _rows_moments_ser, _rows_moments_par, x2)
+        return _run(x3.size, _planes_moments_ser, _planes_moments_par, x3)
 
     def affine(
         self,
@@ -798,19 +868,13 @@ class NumbaBackend(Backend):
             return y
         dt = x3.dtype
         args = (_vec(center, dt), _vec(scale, dt), _vec(shift, dt))
-        relu = bool(relu)
-        nt = _threads(x3.size)
+        after = (bool(relu),)
         a_len, c_len, b_len = x3.shape
         if b_len == 1:
             x2, y2 = x3.reshape(a_len, c_len), y.reshape(a_len, c_len)
-            if nt == 1:
-                _rows_affine_ser(x2, *args, y2, relu)
-            else:
-                _rows_affine_par(x2, *args, y2, nt, relu)
-        elif nt == 1:
-            _planes_affine_ser(x3, *args, y, relu)
+            _run(x3.size, _rows_affine_ser, _rows_affine_par, x2, *args, y2, after=after)
         else:
-            _planes_affine_par(x3, *args, y, nt, relu)
+            _run(x3.size, _planes_affine_ser, _planes_affine_par, x3, *args, y, after=after)
         return y
 
     def normalize(
@@ -845,22 +909,13 @@ class NumbaBackend(Backend):
         # Allocated here: handing new arrays back from a compiled call costs more.
         center = np.empty(c_len, x3.dtype)
         inv_std = np.empty(c_len)
-        nt = _threads(x3.size)
-        if nt == 1:
-            if b_len == 1:
-                x2, y2 = x3.reshape(a_len, c_len), y.reshape(a_len, c_len)
-                _rows_normalize_ser(x2, *vecs, float(eps), y2, center, inv_std, relu)
-            else:
-                _planes_normalize_ser(x3, *vecs, float(eps), y, center, inv_std, relu)
-            return y, center, inv_std
-        scale = np.empty(c_len, x3.dtype)
-        shift = np.empty(c_len, x3.dtype)
-        _coefs(*vecs, float(eps), center, scale, shift, inv_std)
         if b_len == 1:
             x2, y2 = x3.reshape(a_len, c_len), y.reshape(a_len, c_len)
-            _rows_affine_par(x2, center, scale, shift, y2, nt, relu)
+            args = (x2, *vecs, float(eps), y2, center, inv_std)
+            _run(x3.size, _rows_normalize_ser, _rows_normalize_par, *args, after=(relu,))
         else:
-            _planes_affine_par(x3, center, scale, shift, y, nt, relu)
+            args = (x3, *vecs, float(eps), y, center, inv_std)
+            _run(x3.size, _planes_normalize_ser, _planes_normalize_par, *args, after=(relu,))
         return y, center, inv_std
 
     def grad_sums(
@@ -878,16 +933,13 @@ class NumbaBackend(Backend):
             return np.zeros(c_len), np.zeros(c_len)
         ym = _mask(mask, x3)
         cen = _vec(center, x3.dtype)
-        nt = _threads(x3.size)
         if b_len == 1:
             shape = (a_len, c_len)
             ym = None if ym is None else ym.reshape(shape)
             args = (dy3.reshape(shape), x3.reshape(shape), cen)
-            if nt == 1:
-                return _rows_grad_sums_ser(*args, ym)
-            return _rows_grad_sums_par(*args, nt, ym)
+            return _run(x3.size, _rows_grad_sums_ser, _rows_grad_sums_par, *args, after=(ym,))
         args = (dy3, x3, cen)
-        return _planes_grad_sums_ser(*args, ym) if nt == 1 else _planes_grad_sums_par(*args, nt, ym)
+        return _run(x3.size, _planes_grad_sums_ser, _planes_grad_sums_par, *args, after=(ym,))
 
     def grad_input(
         self,
@@ -909,20 +961,15 @@ class NumbaBackend(Backend):
         ym = _mask(mask, x3)
         dt = x3.dtype
         vecs = (_vec(center, dt), _vec(p, dt), _vec(q, dt), _vec(r, dt))
-        nt = _threads(x3.size)
         a_len, c_len, b_len = x3.shape
         if b_len == 1:
             shape = (a_len, c_len)
             ym = None if ym is None else ym.reshape(shape)
             args = (dy3.reshape(shape), x3.reshape(shape), *vecs, dx.reshape(shape))
-            if nt == 1:
-                _rows_grad_input_ser(*args, ym)
-            else:
-                _rows_grad_input_par(*args, nt, ym)
-        elif nt == 1:
-            _planes_grad_input_ser(dy3, x3, *vecs, dx, ym)
+            _run(x3.size, _rows_grad_input_ser, _rows_grad_input_par, *args, after=(ym,))
         else:
-            _planes_grad_input_par(dy3, x3, *vecs, dx, nt, ym)
+            args = (dy3, x3, *vecs, dx)
+            _run(x3.size, _planes_grad_input_ser, _planes_grad_input_par, *args, after=(ym,))
         return dx
 
     def train_forward(
