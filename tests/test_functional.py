@@ -144,6 +144,63 @@ def test_long_float32_reduction_stays_exact(backend):
     np.testing.assert_allclose(cache.var, ref.var(), rtol=1e-6)
 
 
+def _extreme_float32(case: str, layout: str) -> tuple[np.ndarray, int]:
+    """Finite float32 batches whose squared deviations leave float32's range.
+
+    "huge": values around 1e20, two of them 3e19 away per feature (their squares, 9e38,
+    overflow float32; the variance, 2e37, fits). "tiny": values around 1e-25 (their squares
+    underflow to zero). Layout "rows" is (100, 3); "planes" the same values as (25, 3, 4).
+    """
+    rng = np.random.default_rng(13)
+    if case == "huge":
+        x = np.float32(1e20) + np.float32(1e18) * rng.standard_normal((100, 3), np.float32)
+        x[0] += np.float32(3e19)
+        x[1] -= np.float32(3e19)
+    else:
+        x = np.float32(1e-25) * rng.standard_normal((100, 3), np.float32)
+    if layout == "planes":
+        return np.ascontiguousarray(x.reshape(25, 4, 3).transpose(0, 2, 1)), 1
+    return x, 1
+
+
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+@pytest.mark.parametrize("case", ["huge", "tiny"])
+def test_float32_statistics_do_not_overflow_or_underflow(backend, case, layout):
+    """The NumPy backend squared float32 deviations in float32: a batch around 1e20 got an
+    infinite variance (and the layer refused it), one around 1e-25 a variance of zero."""
+    x, axis = _extreme_float32(case, layout)
+    assert x.dtype == np.float32 and np.isfinite(x).all()
+    ref = x.astype(np.float64)
+    red = (0, 2) if x.ndim == 3 else (0,)
+    _, cache = batch_norm_train(x, None, None, axis=axis, backend=backend)
+    np.testing.assert_allclose(cache.var, ref.var(axis=red), rtol=1e-6)
+    np.testing.assert_allclose(cache.mean, ref.mean(axis=red), rtol=1e-6)
+    layer = bn.BatchNorm(3, dtype=np.float32, backend=backend)
+    layer.forward(x)
+    want = bn.BatchNorm(3, dtype=np.float64, backend="numpy")
+    want.forward(ref)
+    np.testing.assert_allclose(layer.running_var, want.running_var, rtol=1e-6)
+    np.testing.assert_allclose(layer.running_mean, want.running_mean, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+def test_float32_gradients_do_not_overflow(backend, layout):
+    """dy * (x - mean) beyond float32's range (1e20 * 3e19) while the gradients fit: the
+    products must not overflow (both backends gave NaN and Inf)."""
+    x, axis = _extreme_float32("huge", layout)
+    rng = np.random.default_rng(14)
+    dy = np.float32(1e20) * rng.standard_normal(x.shape, np.float32)
+    g = rng.normal(1, 0.2, 3).astype(np.float32)
+    b = rng.normal(0, 0.2, 3).astype(np.float32)
+    _, cache = batch_norm_train(x, g, b, axis=axis, backend=backend)
+    got = batch_norm_backward(dy, cache)
+    _, cache64 = batch_norm_train(x.astype(np.float64), g, b, axis=axis, backend="numpy")
+    want = batch_norm_backward(dy.astype(np.float64), cache64)
+    for name, a, w in zip(("dx", "dgamma", "dbeta"), got, want, strict=True):
+        assert a.dtype == np.float32 and np.isfinite(a).all(), name
+        np.testing.assert_allclose(a, w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_dtypes_are_kept_and_float16_is_computed_in_float32(backend, dtype, rng):
     x = rng.normal(size=(8, 3, 4)).astype(dtype)

@@ -20,7 +20,8 @@ bounds the loss of precision by the number of values (see the comment above the 
 Elementwise passes (``affine``, ``grad_input``) stay in the dtype of the data, as in the NumPy
 reference; sums are accumulated in float64 (``moments`` adds every value in float64; the row
 kernel of ``grad_sums`` first adds eight rows in the data's dtype, in which the products
-``dy * (x - center)`` are rounded anyway, as in the NumPy reference).
+``dy * (x - center)`` are rounded anyway; float32 sums that overflow are computed again in
+float64, as in the NumPy reference).
 
 The kernels compile on first use with ``cache=True``, so the machine code is stored next to
 this file (or in ``NUMBA_CACHE_DIR``) and a second process loads it instead of compiling. Small
@@ -29,6 +30,7 @@ inputs run on one thread: waking the thread pool costs more than the work.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -345,8 +347,8 @@ def _rows_grad_sums_part(dy, x, center, a0, a1, sdy, sdx, t1, t2):
     """Add the sums of rows ``a0:a1`` into ``sdy``, ``sdx`` (float64).
 
     Eight rows at a time are first summed in the data's dtype (in ``t1``, ``t2``), then added
-    to the float64 sums: the products ``dy * (x - center)`` are rounded to that dtype anyway
-    (as in the NumPy reference), and a sum of eight of them adds rounding of the same order,
+    to the float64 sums: the products ``dy * (x - center)`` are rounded to that dtype anyway,
+    and a sum of eight of them adds rounding of the same order,
     while converting each value to float64 would cost more than the pass reads.
     """
     c_len = x.shape[1]
@@ -937,9 +939,20 @@ class NumbaBackend(Backend):
             shape = (a_len, c_len)
             ym = None if ym is None else ym.reshape(shape)
             args = (dy3.reshape(shape), x3.reshape(shape), cen)
-            return _run(x3.size, _rows_grad_sums_ser, _rows_grad_sums_par, *args, after=(ym,))
-        args = (dy3, x3, cen)
-        return _run(x3.size, _planes_grad_sums_ser, _planes_grad_sums_par, *args, after=(ym,))
+            sdy, sdx = _run(x3.size, _rows_grad_sums_ser, _rows_grad_sums_par, *args,
+                            after=(ym,))
+        else:
+            args = (dy3, x3, cen)
+            sdy, sdx = _run(x3.size, _planes_grad_sums_ser, _planes_grad_sums_par, *args,
+                            after=(ym,))
+        if x3.dtype == np.float32 and not math.isfinite(np.dot(sdy, sdx)):
+            # The float32 products dy * (x - center) overflow above 3.4e38 where the sums may
+            # be finite: once more in float64 (NaN or Inf in the data come out as before). The
+            # dot product of the sums is finite only if all of them are (or it overflows, which
+            # costs only the redo); one cheap test.
+            x64, dy64 = x3.astype(np.float64), dy3.astype(np.float64)
+            return self.grad_sums(dy64, x64, center, mask=mask)
+        return sdy, sdx
 
     def grad_input(
         self,

@@ -52,6 +52,7 @@ and ``r``.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -169,6 +170,18 @@ def _col(v: np.ndarray) -> np.ndarray:
     return v.reshape(1, -1, 1)
 
 
+# Values per float64 block of the reductions: the block stays in cache, and the loop costs
+# nothing next to the pass (as fast as one float32 temporary of the whole input, or faster).
+_BLOCK = 1 << 16
+
+
+def _blocks(x3: np.ndarray):
+    """Consecutive slices of ``x3`` along its first axis, about ``_BLOCK`` values each."""
+    step = max(1, _BLOCK // max(1, x3.shape[1] * x3.shape[2]))
+    for a in range(0, x3.shape[0], step):
+        yield x3[a : a + step]
+
+
 # NaN and Inf propagate through the kernels by design (the layers decide what to do with
 # them), so NumPy's warnings about them are noise here.
 _quiet = np.errstate(invalid="ignore", over="ignore")
@@ -183,15 +196,23 @@ class NumpyBackend(Backend):
     def moments(self, x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         count = x3.shape[0] * x3.shape[2]
         # Corrected two-pass algorithm: centre on the (rounded) mean, then remove what is left
-        # of the mean from the second moment. Accumulate in float64 so that long float32
-        # reductions do not drift.
+        # of the mean from the second moment. The deviations and their squares are formed in
+        # float64, block by block: in float32 the square of a finite deviation overflows above
+        # 1.8e19 (and underflows below 1e-23), and a float32 difference can overflow too.
         mean = x3.sum(axis=(0, 2), dtype=np.float64) / count
-        xc = x3 - _col(mean.astype(x3.dtype))
-        s1 = xc.sum(axis=(0, 2), dtype=np.float64) / count
-        np.square(xc, out=xc)
-        s2 = xc.sum(axis=(0, 2), dtype=np.float64) / count
+        center = _col(mean.astype(x3.dtype).astype(np.float64))
+        s1 = np.zeros(x3.shape[1])
+        s2 = np.zeros(x3.shape[1])
+        for block in _blocks(x3):
+            d = block.astype(np.float64)
+            d -= center
+            s1 += d.sum(axis=(0, 2))
+            d *= d
+            s2 += d.sum(axis=(0, 2))
+        s1 /= count
+        s2 /= count
         var = np.maximum(s2 - s1 * s1, 0.0)
-        return mean.astype(x3.dtype).astype(np.float64) + s1, var
+        return center.ravel() + s1, var
 
     @_quiet
     def affine(self, x3, center, scale, shift, *, relu=False, out=None):
@@ -212,7 +233,24 @@ class NumpyBackend(Backend):
         dy3 = self._masked(dy3, mask)
         xc = x3 - _col(center)
         xc *= dy3
-        return dy3.sum(axis=(0, 2), dtype=np.float64), xc.sum(axis=(0, 2), dtype=np.float64)
+        sdy = dy3.sum(axis=(0, 2), dtype=np.float64)
+        sdx = xc.sum(axis=(0, 2), dtype=np.float64)
+        # One cheap test (a dot product of the sums is finite only if all of them are, or
+        # spuriously overflows, which costs only the redo): float32 products dy * (x - center)
+        # overflow above 3.4e38 where the sums may be finite, so then once more with float64
+        # products, block by block (NaN or Inf in the data come out as before).
+        if x3.dtype != np.float64 and not math.isfinite(np.dot(sdy, sdx)):
+            cen = _col(np.asarray(center, dtype=np.float64))
+            sdy[:] = 0.0
+            sdx[:] = 0.0
+            for g, xb in zip(_blocks(dy3), _blocks(x3), strict=True):
+                g = g.astype(np.float64)
+                d = xb.astype(np.float64)
+                d -= cen
+                d *= g
+                sdy += g.sum(axis=(0, 2))
+                sdx += d.sum(axis=(0, 2))
+        return sdy, sdx
 
     @_quiet
     def grad_input(self, dy3, x3, center, p, q, r, *, mask=None, out=None):
