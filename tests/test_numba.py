@@ -34,7 +34,7 @@ from batchnorm.backends import (  # noqa: E402
     get_backend,
 )
 from batchnorm.functional import normalize_with_stats  # noqa: E402
-from helpers import rel_error  # noqa: E402
+from helpers import rel_error, seed_of  # noqa: E402
 
 # Relative agreement (max |a - b| / max |b|) expected between the two backends per dtype.
 # float32: both compute in float32 but may round differently (fused multiply-add, summation
@@ -239,7 +239,38 @@ def test_fused_normalize_leaves_empty_inputs_and_float16_vectors_to_the_caller()
 
 
 # ---------------------------------------------------------------------------------------------
-# exact statistics on the fast path (fastmath must not undo the two-pass scheme)
+# exact statistics on the fast path (fastmath must not undo the two-pass scheme), on every
+# kernel variant: serial and parallel drivers (whatever the input size) in both layouts
+
+
+@pytest.fixture(params=["serial", "parallel-2", "parallel-3"])
+def kernel(request, monkeypatch):
+    """Force the serial drivers, or the parallel ones split into 2 or 3 parts, on any input
+    size (through the test hook ``_threads``); yields the names of the drivers that ran."""
+    parts = 1 if request.param == "serial" else int(request.param[-1])
+    monkeypatch.setattr(nbk, "_threads", lambda size: parts)
+    ran: list[str] = []
+    run = nbk._run
+
+    def spy(size, ser, par, *args):
+        def ser_spy(*a):
+            ran.append(ser.__name__)
+            return ser(*a)
+
+        def par_spy(*a):
+            ran.append(par.__name__)
+            return par(*a)
+
+        return run(size, ser_spy, par_spy, *args)
+
+    monkeypatch.setattr(nbk, "_run", spy)
+    kind = "ser" if parts == 1 else "par"
+    return lambda layout: f"_{layout}_moments_{kind}" in ran
+
+
+def _layout_of(x: np.ndarray, axis: int) -> str:
+    """The kernel layout that an input takes: "rows" when the feature axis is the last one."""
+    return "rows" if axis % x.ndim == x.ndim - 1 else "planes"
 
 
 @pytest.mark.parametrize(
@@ -249,10 +280,11 @@ def test_fused_normalize_leaves_empty_inputs_and_float16_vectors_to_the_caller()
 # float64 at 1e8: one step of the mean is 1.5e-8, which bounds how well block means can be
 # compared (the data themselves carry that rounding), hence 1e-7.
 @pytest.mark.parametrize("dtype,mean,rtol", [(np.float32, 1e4, 1e-6), (np.float64, 1e8, 1e-7)])
-def test_large_mean_statistics_are_exact(shape, axis, dtype, mean, rtol):
+def test_large_mean_statistics_are_exact(kernel, shape, axis, dtype, mean, rtol):
     rng = np.random.default_rng(6)
     x = (mean + rng.standard_normal(shape)).astype(dtype)
     _, cache = batch_norm_train(x, None, None, axis=axis, backend="numba")
+    assert kernel(_layout_of(x, axis))
     red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
     ref = x.astype(np.float64)
     ref_mean = ref.mean(axis=red)
@@ -261,15 +293,46 @@ def test_large_mean_statistics_are_exact(shape, axis, dtype, mean, rtol):
     np.testing.assert_allclose(cache.mean - mean, ref_mean - mean, atol=rtol * 10)
 
 
-def test_statistics_exact_when_blocks_have_very_different_means():
-    """Half the batch near 0, half near 1e4: the merge of the blocks must not cancel."""
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((40000, 4)).astype(np.float32)
-    x[20000:] += 1e4
-    fast = nbk.NumbaBackend().moments(x.reshape(40000, 4, 1))
+def _hard_batch(case: str, n: int, c: int = 4) -> np.ndarray:
+    """float32 batches (n, c) on which float32 sums of the shifted values lose digits.
+
+    "large-mean": 1e4 + N(0, 1). "offset-block": N(0, 1), the second half moved by 1e4 (the
+    parts of a parallel split have very different means). "outlier-first-row": N(0, 1) with a
+    first row at 1e4 (the kernels shift by the first value, which is then far from the mean).
+    """
+    rng = np.random.default_rng(seed_of((case, n, c)))
+    x = rng.standard_normal((n, c)).astype(np.float32)
+    if case == "large-mean":
+        x += np.float32(1e4)
+    elif case == "offset-block":
+        x[n // 2 :] += np.float32(1e4)
+    else:
+        x[0] += np.float32(1e4)
+    return x
+
+
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+@pytest.mark.parametrize("n", [8000, 4096, 40000])
+@pytest.mark.parametrize("case", ["large-mean", "offset-block", "outlier-first-row"])
+def test_statistics_exact_on_every_kernel(kernel, case, n, layout):
+    """float64 accumulation in every driver. float32 sums of the shifted values gave relative
+    variance errors of 2e-6 to 2e-3 on such inputs; float64 ones give 1e-15 to 1e-9 (the worst:
+    an outlier first value and 40000 values, the loss of a factor n that the shift allows)."""
+    x = _hard_batch(case, n)
     ref = x.astype(np.float64)
-    np.testing.assert_allclose(fast[0], ref.mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(fast[1], ref.var(axis=0), rtol=1e-9)
+    if layout == "planes":  # the same values per feature, as (n / 16, c, 16)
+        x = np.ascontiguousarray(x.reshape(n // 16, 16, 4).transpose(0, 2, 1))
+    _, cache = batch_norm_train(x, None, None, axis=1, backend="numba")
+    assert kernel(layout)
+    # The mean to 1e-11 of the spread: shifting by a first value far from the mean costs up to
+    # n * 1e-16 of that distance (1e-12 of the spread was seen on 40000 values with an outlier).
+    mean_tol = dict(rtol=1e-12, atol=1e-11 * ref.std(axis=0).max())
+    np.testing.assert_allclose(cache.mean, ref.mean(axis=0), **mean_tol)
+    np.testing.assert_allclose(cache.var, ref.var(axis=0), rtol=1e-8)
+    # The reference backend too (it has one driver).
+    mean, var = backends.NumpyBackend().moments(x.reshape(x.shape[0], 4, -1))
+    np.testing.assert_allclose(mean, ref.mean(axis=0), **mean_tol)
+    np.testing.assert_allclose(var, ref.var(axis=0), rtol=1e-8)
 
 
 @pytest.mark.parametrize("shape", [(50000, 3), (8, 3, 4096)])
