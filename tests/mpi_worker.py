@@ -14,11 +14,13 @@ bad K
     Rank K gets invalid input (feature size, dtype, NaN, dy shape); every rank must raise, and
     the layer must work afterwards.
 dead
-    Rank 1 ends with ``os._exit(1)`` before the forward; the others wait in it (no timeout).
+    After a first forward on every rank, rank 1 ends with ``os._exit(1)``; the others wait in
+    the next forward (no timeout) until the job is ended.
 train BATCH EPOCHS MAX_STEPS
     Data-parallel training with the demo's loop equals single-process training.
 stuck
-    Rank 1 never enters the forward; the others have ``timeout=2`` and must abort the job.
+    After a first forward on every rank, rank 1 blocks for ever; the others have ``timeout=2``
+    in the next forward and must abort the job.
 variants SIZES BACKENDS
     Masks and Batch Renormalization: SyncBatchNorm with a mask against BatchNorm on the
     concatenated batch and mask, SyncBatchRenorm (with and without a mask) against BatchRenorm
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+import threading
 
 import numpy as np
 from mpi4py import MPI
@@ -308,15 +310,18 @@ def main(argv: list[str]) -> int:
     elif mode == "variants":
         info = check_variants([int(s) for s in argv[1].split(",")], argv[2].split(","))
     elif mode in ("dead", "stuck"):
+        # Everyone alive: no timeout (ranks may start seconds apart on a loaded machine).
+        first = SyncBatchNorm(3, dtype=np.float64, backend="numpy")
         layer = SyncBatchNorm(3, dtype=np.float64, backend="numpy",
                               timeout=2.0 if mode == "stuck" else None)
         x = np.random.default_rng(RANK).standard_normal((4, 3))
-        layer.forward(x)  # everyone is alive: fine
+        first.forward(x)
         print(f"rank {RANK} passed the first forward", flush=True)
+        COMM.Barrier()  # every rank has printed before rank 1 leaves
         if RANK == 1:
             if mode == "dead":
                 os._exit(1)
-            time.sleep(60)  # "stuck": never reaches the next forward in time
+            threading.Event().wait()  # "stuck": until the job is ended
         layer.forward(x)
         info = "second forward returned (it should not have)"
     else:
