@@ -240,30 +240,40 @@ def test_fused_normalize_leaves_empty_inputs_and_float16_vectors_to_the_caller()
 
 # ---------------------------------------------------------------------------------------------
 # exact statistics on the fast path (fastmath must not undo the two-pass scheme), on every
-# kernel variant: serial and parallel drivers (whatever the input size) in both layouts
+# kernel variant: the fused small-input step, serial and parallel drivers (whatever the input
+# size), in both layouts
 
 
-@pytest.fixture(params=["serial", "parallel-2", "parallel-3"])
+def _recording(fn, ran: list[str]):
+    """``fn`` that appends its name to ``ran`` when called."""
+    name = fn.__name__
+
+    def wrapper(*args):
+        ran.append(name)
+        return fn(*args)
+
+    return wrapper
+
+
+@pytest.fixture(params=["fused", "serial", "parallel-2", "parallel-3"])
 def kernel(request, monkeypatch):
-    """Force the serial drivers, or the parallel ones split into 2 or 3 parts, on any input
-    size (through the test hook ``_threads``); yields the names of the drivers that ran."""
-    parts = 1 if request.param == "serial" else int(request.param[-1])
-    monkeypatch.setattr(nbk, "_threads", lambda size: parts)
+    """Force one kernel variant on any input size, through the test hooks ``_SERIAL_BELOW``
+    and ``_threads``: the fused small-input training step, or the separate drivers, serial or
+    parallel split into 2 or 3 parts. Returns a check that the variant ran for a layout."""
     ran: list[str] = []
+    if request.param == "fused":
+        monkeypatch.setattr(nbk, "_SERIAL_BELOW", 1 << 62)
+        for name in ("_rows_train_ser", "_planes_train_ser"):
+            monkeypatch.setattr(nbk, name, _recording(getattr(nbk, name), ran))
+        return lambda layout: f"_{layout}_train_ser" in ran
+    parts = 1 if request.param == "serial" else int(request.param[-1])
+    monkeypatch.setattr(nbk, "_SERIAL_BELOW", 0)  # no fused step
+    monkeypatch.setattr(nbk, "_threads", lambda size: parts)
     run = nbk._run
-
-    def spy(size, ser, par, *args):
-        def ser_spy(*a):
-            ran.append(ser.__name__)
-            return ser(*a)
-
-        def par_spy(*a):
-            ran.append(par.__name__)
-            return par(*a)
-
-        return run(size, ser_spy, par_spy, *args)
-
-    monkeypatch.setattr(nbk, "_run", spy)
+    monkeypatch.setattr(
+        nbk, "_run", lambda size, ser, par, *args: run(
+            size, _recording(ser, ran), _recording(par, ran), *args)
+    )
     kind = "ser" if parts == 1 else "par"
     return lambda layout: f"_{layout}_moments_{kind}" in ran
 
