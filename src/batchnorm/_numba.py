@@ -1060,6 +1060,10 @@ class NumbaBackend(Backend):
             )
         else:
             dbeta = _planes_backward_ser(dy3, x3, *args, dx, dgamma, ym)
+        if dt == np.float32 and not math.isfinite(np.dot(dgamma, dbeta)):
+            # A float32 sum overflowed (see ``grad_sums``, which redoes it in float64) or the
+            # data are not finite: the generic path gives the right result in both cases.
+            return None
         return dx, dgamma, dbeta
 
     def running_update(
