@@ -271,8 +271,8 @@ def kernel(request, monkeypatch):
     monkeypatch.setattr(nbk, "_threads", lambda size: parts)
     run = nbk._run
     monkeypatch.setattr(
-        nbk, "_run", lambda size, ser, par, *args: run(
-            size, _recording(ser, ran), _recording(par, ran), *args)
+        nbk, "_run", lambda size, ser, par, *args, **kw: run(
+            size, _recording(ser, ran), _recording(par, ran), *args, **kw)
     )
     kind = "ser" if parts == 1 else "par"
     return lambda layout: f"_{layout}_moments_{kind}" in ran
