@@ -318,3 +318,24 @@ def test_a_reducer_failure_in_the_checks_reaches_the_reducer_guard(rng):
         layer.forward(rng.standard_normal((4, 5)))
     assert seen == [("forward", "ValueError")]
     assert LOCAL.guard("forward") is LOCAL.guard("backward")
+
+
+def test_layers_take_the_fused_running_update(rng, monkeypatch):
+    """The statistics that compiled code returns carry a dtype equal to, but not the same
+    object as, np.dtype(float64); the fused update must still be taken."""
+    pytest.importorskip("numba")
+    nb = get_backend("numba")
+    taken = []
+    real = type(nb).running_update
+
+    def spy(self, *args):
+        out = real(self, *args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(type(nb), "running_update", spy)
+    bn.BatchNorm(4, backend="numba").forward(rng.standard_normal((16, 4)).astype(np.float32))
+    bn.BatchNormalization(np.ones(4), np.zeros(4), backend="numba").forward(
+        rng.standard_normal((16, 4))
+    )
+    assert taken == [True, True]

@@ -1080,7 +1080,8 @@ class NumbaBackend(Backend):
         statistics and float64 batch statistics; None for the others)."""
         if not (
             _vec_ok(running_mean) and _vec_ok(running_var)
-            and mean.dtype is _F64 and var.dtype is _F64
+            # `.type`: arrays made by compiled code carry an equal but not identical dtype
+            and mean.dtype.type is np.float64 and var.dtype.type is np.float64
         ):
             return None
         new_m = np.empty_like(running_mean)
@@ -1092,7 +1093,6 @@ class NumbaBackend(Backend):
         return new_m, new_v, finite
 
 
-_F64 = np.dtype(np.float64)
 
 
 def _vec_ok(v) -> bool:
