@@ -748,14 +748,16 @@ kernels = (
 
 
 def _data(x3: np.ndarray) -> np.ndarray:
-    if x3.dtype not in _VEC_DTYPES:
+    if x3.dtype.type not in _VEC_TYPES or not x3.dtype.isnative:
         raise TypeError(f"the numba backend takes float32 or float64 data, got {x3.dtype}")
     # Copies only what is not C-contiguous (Fortran order, strided slices, broadcasts): the
     # kernels index rows directly, and one layout per dtype keeps the compiled set small.
     return x3 if x3.flags.c_contiguous else np.ascontiguousarray(x3)
 
 
-_VEC_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Checked by scalar type (and native byte order): `dtype in tuple` compares dtypes with ==,
+# which costs more than the whole check on the small inputs where it matters.
+_VEC_TYPES = (np.float32, np.float64)
 
 
 def _vec(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -902,7 +904,7 @@ class NumbaBackend(Backend):
             return None
         vecs = (mean, var, gamma, beta)
         for v in vecs:
-            if v is not None and (type(v) is not np.ndarray or v.dtype not in _VEC_DTYPES):
+            if v is not None and not _vec_ok(v):
                 return None
         x3 = _data(x3)
         y = _new(x3, out)
@@ -1097,4 +1099,6 @@ class NumbaBackend(Backend):
 
 def _vec_ok(v) -> bool:
     """A per-feature vector the compiled code takes: None, or a float32/float64 ndarray."""
-    return v is None or (type(v) is np.ndarray and v.dtype in _VEC_DTYPES)
+    return v is None or (
+        type(v) is np.ndarray and v.dtype.type in _VEC_TYPES and v.dtype.isnative
+    )
