@@ -163,8 +163,11 @@ class BatchNormCache:
         Values per feature that the statistics cover (``M``).
     training : bool
         True when batch statistics were used (their gradient flows back into ``dx``).
-    x3 : ndarray of shape (A, C, B)
-        The input viewed as (A, C, B) in the compute dtype (not a copy where none was needed).
+    x3 : ndarray of shape (A, C, B) or None
+        The input as (A, C, B) in the compute dtype, owned by the cache: a copy, never a view
+        of the caller's array, so that editing ``x`` in place after the forward cannot change
+        the gradients. None for an inference cache made without `keep_input` (its backward
+        is ``dx = gamma * inv_std * dy`` and gives no parameter gradients).
     center : ndarray of shape (C,)
         The mean rounded to the compute dtype (``x - center`` is exact).
     inv_std : ndarray of shape (C,), float64
@@ -266,6 +269,12 @@ def as_3d(x: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
     if axis == 1 and len(shape) == 2:  # the usual (N, C) case
         return x.reshape(shape[0], shape[1], 1)
     return x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
+
+
+def _own(x3: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """`x3`, copied if it may share memory with the caller's `x` (float16 input, a layout
+    that needs a copy to become (A, C, B): already a private array)."""
+    return x3.copy() if np.may_share_memory(x3, x) else x3
 
 
 def _count_error(
@@ -467,6 +476,10 @@ def train_forward(
     The fused forward kernel is skipped with either (it computes statistics and output in
     one call).
 
+    The cache keeps a private copy of the input (one pass over ``x`` and its size in memory
+    until the cache is dropped) unless converting ``x`` to the compute dtype or layout already
+    made one (float16 input).
+
     Raises
     ------
     ValueError
@@ -474,7 +487,7 @@ def train_forward(
         communicates; masked-in values with a mask); non-finite statistics when
         `check_finite`.
     """
-    x3 = as_3d(x, axis, compute_dtype(x.dtype))
+    x3 = _own(as_3d(x, axis, compute_dtype(x.dtype)), x)
     m3 = None if mask is None else mask_3d(mask, axis)
     count = x3.shape[0] * x3.shape[2]
     relu = activation == "relu"
@@ -646,10 +659,15 @@ def inference_forward(
     keep_cache: bool = True,
     activation: str | None = None,
     out: np.ndarray | None = None,
+    keep_input: bool = True,
 ) -> tuple[np.ndarray, BatchNormCache | None]:
     """The inference forward (given statistics) of every layer and kernel, on checked
     arguments; the cache (for the gradient of this fixed transform) only with `keep_cache`.
-    `activation` and `out` as in :func:`train_forward`."""
+    `activation` and `out` as in :func:`train_forward`.
+
+    Only ``dgamma`` reads the input in this backward; without `keep_input` the cache holds no
+    input (``dx`` needs none) and its backward gives no parameter gradients. With it, the cache
+    keeps a private copy, as :func:`train_forward` does."""
     x3 = as_3d(x, axis, compute_dtype(x.dtype))
     relu = activation == "relu"
     y3, center, inv_std = normalize_with_stats(
@@ -657,15 +675,17 @@ def inference_forward(
     )
     if not keep_cache:
         return _output(y3, x.shape, x.dtype, out), None
+    count = x3.shape[0] * x3.shape[2]
+    x3 = _own(x3, x) if keep_input else None
     cache = BatchNormCache(
         mean=np.array(mean, dtype=np.float64),
         var=np.array(var, dtype=np.float64),
-        count=x3.shape[0] * x3.shape[2],
+        count=count,
         training=False,
         x3=x3,
         center=center,
         inv_std=inv_std,
-        gamma=None if gamma is None else gamma.astype(x3.dtype),
+        gamma=None if gamma is None else gamma.astype(center.dtype),
         gamma_dtype=None if gamma is None else gamma.dtype,
         beta_dtype=None if beta is None else beta.dtype,
         shape=x.shape,
@@ -682,11 +702,12 @@ def inference_forward(
 
 def backward(
     dy: np.ndarray, cache: AnyCache, out: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The backward of every layer and kernel, on a checked `dy`: ``(dx, dgamma, dbeta)`` with
     ``dx`` in the input's dtype (written into `out`, checked with :func:`check_out`, when
     given) and the parameter gradients in float64 (this process's share for a reducer that
-    communicates; ``dx`` uses the sums over all processes)."""
+    communicates; ``dx`` uses the sums over all processes). A cache without input gives
+    ``(dx, None, None)``."""
     if isinstance(cache, GhostBatchNormCache):
         parts = [
             backward(dy[lo:hi], c, None if out is None else out[lo:hi])
@@ -695,6 +716,8 @@ def backward(
         dx = out if out is not None else np.concatenate([p[0] for p in parts], axis=0)
         return dx, sum(p[1] for p in parts), sum(p[2] for p in parts)
     x3 = cache.x3
+    if x3 is None:
+        return _fixed_map_backward(dy, cache, out), None, None
     dy3 = as_3d(dy, cache.axis, x3.dtype)
     out3 = _out3(out, cache.axis, x3.dtype)
     mask = cache.y3
@@ -721,6 +744,22 @@ def backward(
         # y = gamma * (x_hat * r + d) + beta: dgamma = sum(dy * x_hat) * r + sum(dy) * d.
         dgamma = dgamma * cache.renorm_r + dbeta * cache.renorm_d
     return _output(dx3, cache.shape, cache.dtype, out), dgamma, dbeta
+
+
+@_quiet
+def _fixed_map_backward(
+    dy: np.ndarray, cache: BatchNormCache, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``dx = gamma * inv_std * dy`` (``dy`` masked by a fused ReLU): the input gradient of an
+    inference forward, which reads no input."""
+    dtype = cache.center.dtype
+    k = cache.inv_std if cache.gamma is None else cache.gamma.astype(np.float64) * cache.inv_std
+    dy3 = as_3d(dy, cache.axis, dtype)
+    if cache.y3 is not None:
+        dy3 = np.where(cache.y3 > 0, dy3, dtype.type(0))
+    out3 = _out3(out, cache.axis, dtype)
+    dx3 = np.multiply(dy3, k.astype(dtype).reshape(1, -1, 1), out=out3)
+    return _output(dx3, cache.shape, cache.dtype, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1009,8 +1048,8 @@ def batch_norm_backward(
             inputs = {"dy": dy, "x": cache.x3, "the forward output": cache.y3}
             out = check_out(out, "dx", cache.shape, cache.dtype, inputs)
     dx, dgamma, dbeta = backward(dy, cache, out)
-    dg = None if cache.gamma_dtype is None else dgamma.astype(cache.gamma_dtype)
-    db = None if cache.beta_dtype is None else dbeta.astype(cache.beta_dtype)
+    dg = None if cache.gamma_dtype is None or dgamma is None else dgamma.astype(cache.gamma_dtype)
+    db = None if cache.beta_dtype is None or dbeta is None else dbeta.astype(cache.beta_dtype)
     return dx, dg, db
 
 

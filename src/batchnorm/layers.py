@@ -235,11 +235,15 @@ class BatchNormalization:
         dx : ndarray, same shape and dtype as the last forward's `x`
         """
         if self._cache is None:
-            raise RuntimeError("backward called before forward: expected a forward call first")
+            raise RuntimeError(
+                "backward called before forward: expected a forward call first (each forward "
+                "allows one backward, which releases what the forward kept)"
+            )
         dout = check_dy(dout, self._input_shape, "dout")
         dx, dgamma, dbeta = F.backward(dout.reshape(self._cache.shape), self._cache)
         self.dgamma = dgamma.astype(self.gamma.dtype).reshape(self.gamma.shape)
         self.dbeta = dbeta.astype(self.beta.dtype).reshape(self.beta.shape)
+        self._cache = None  # release the input it kept
         return dx.reshape(self._input_shape)
 
     def __repr__(self) -> str:
@@ -714,9 +718,11 @@ class BatchNorm(_NormBase):
                     x, ax, self.gamma, self.beta, self.eps, self.backend, ghost, **kw
                 )
         else:
+            # This backward reads x only for dgamma: keep none when no gamma gradient is wanted.
             y, cache = F.inference_forward(
                 x, ax, self.gamma, self.beta, self.running_mean, self.running_var, self.eps,
                 self.backend, activation=self.activation, out=out,
+                keep_input="gamma" in self.params,
             )
         if update:
             nbt = self.num_batches_tracked + 1
@@ -755,13 +761,20 @@ class BatchNorm(_NormBase):
         """
         cache = self._cache
         if cache is None:
-            raise RuntimeError("backward called before forward: expected a forward call first")
+            raise RuntimeError(
+                "backward called before forward: expected a forward call first (each forward "
+                "allows one backward, which releases what the forward kept)"
+            )
         with cache.reducer.guard("backward"):
             dy = check_dy(dy, cache.shape)
         out = self._buffer("_dx_buf", cache.shape, cache.dtype, dy, cache.x3, cache.y3)
         dx, dgamma, dbeta = F.backward(dy, cache, out)
-        if self.affine:
+        if self.affine and dgamma is not None:
             dt = self.dtype
             self.dgamma = dgamma if dgamma.dtype is dt else dgamma.astype(dt)
             self.dbeta = dbeta if dbeta.dtype is dt else dbeta.astype(dt)
+        else:
+            self.dgamma = self.dbeta = None
+        # Nothing reads the cache again: release the input it kept (one backward per forward).
+        self._cache = None
         return dx
