@@ -26,6 +26,16 @@ variants SIZES BACKENDS
     concatenated batch and mask, SyncBatchRenorm (with and without a mask) against BatchRenorm
     on the concatenated batch; a bad mask on one rank and a global mask with one valid value
     raise on every rank and change nothing.
+mismatch KINDS TIMEOUT
+    For each of KINDS (comma-separated: features, dtype, input-dtype, settings, order, mode,
+    phase, grads) in turn, rank 1 differs from the others; every rank must raise
+    RankMismatchError naming rank 1 and how, and no rank hang. TIMEOUT is ``none`` or seconds.
+exit HOW TIMEOUT
+    Rank 1 leaves after the first step (HOW: ``sys.exit``, ``raise``, ``return`` from the
+    script); the others wait for it in the second forward and must end the job.
+clean
+    Every rank trains three steps; rank 1 exits at once, rank 0 works on for longer than the
+    exit grace before it exits: a clean end, which must not be aborted.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -297,6 +308,95 @@ def check_variants(sizes: list[int], backends: list[str]) -> str:
     assert layer.num_batches_tracked == 1
     COMM.Barrier()
     return f"{runs} runs " + " ".join(f"{k}={v:.2g}" for k, v in sorted(worst.items()))
+def check_mismatch(kind: str, timeout: float | None) -> str:
+    from batchnorm.distributed import RankMismatchError, allreduce_grads
+
+    odd = RANK == 1
+    kw = dict(dtype=np.float32, backend="numpy", timeout=timeout)
+    rng = np.random.default_rng(RANK)
+    needle = {
+        "features": "num_features=5 (rank 0: 4)",
+        "dtype": "dtype=float64 (rank 0: float32)",
+        "input-dtype": "rank 1's input is computed in float64 (rank 0: float32)",
+        "settings": "eps=0.001 (rank 0: 1e-05), momentum=0.5 (rank 0: 0.9)",
+        "order": "rank 1 is in SyncBatchNorm.forward of layer #",
+        "mode": "rank 1 is in SyncBatchNorm.forward of layer #",
+        "phase": "rank 1 is in SyncBatchNorm.backward of layer #",
+        "grads": "rank 1 is in allreduce_grads of 4 values",
+    }[kind]
+    if kind == "features":
+        layer = SyncBatchNorm(5 if odd else 4, **kw)
+        calls = [lambda: layer.forward(rng.standard_normal((6, layer.num_features)))]
+    elif kind in ("dtype", "input-dtype", "settings"):
+        extra = {"dtype": dict(dtype=np.float64),
+                 "settings": dict(eps=1e-3, momentum=0.5)}.get(kind, {}) if odd else {}
+        layer = SyncBatchNorm(4, **{**kw, **extra})
+        x_dtype = np.float64 if odd and kind == "input-dtype" else np.float32
+        calls = [lambda: layer.forward(rng.standard_normal((6, 4)).astype(x_dtype))]
+    elif kind in ("order", "mode"):
+        a, b = SyncBatchNorm(4, **kw), SyncBatchNorm(4, **kw)
+        x = rng.standard_normal((6, 4)).astype(np.float32)
+        if kind == "order":
+            first, second = (b, a) if odd else (a, b)
+        else:
+            first, second = a, b
+            if odd:
+                a.eval()  # no communication: rank 1 reaches b while the others are in a
+        calls = [lambda: first.forward(x), lambda: second.forward(x)]
+    elif kind in ("phase", "grads"):
+        layer = SyncBatchNorm(4, **kw)
+        x = rng.standard_normal((6, 4)).astype(np.float32)
+        layer.forward(x)  # in step
+        if kind == "phase":
+            calls = [(lambda: layer.backward(np.ones_like(x))) if odd else
+                     (lambda: layer.forward(x))]
+        else:
+            calls = [(lambda: allreduce_grads([np.ones(4)], COMM, timeout=timeout)) if odd else
+                     (lambda: layer.forward(x))]
+    else:
+        raise SystemExit(f"unknown mismatch kind {kind!r}")
+    raised = None
+    for call in calls:
+        try:
+            call()
+        except RankMismatchError as err:
+            raised = str(err)
+            break
+    assert raised is not None, f"rank {RANK}: no RankMismatchError for {kind}"
+    assert needle in raised and f"of {SIZE}" in raised, (needle, raised)
+    return raised.split(": the ranks disagree: ")[1][:40]
+
+
+def run_clean() -> str:
+    layer = SyncBatchNorm(3, dtype=np.float64, backend="numpy")
+    x = np.random.default_rng(RANK).standard_normal((4, 3))
+    for _ in range(3):
+        layer.forward(x)
+        layer.backward(x)
+    if RANK == 0:
+        from batchnorm.distributed import EXIT_GRACE
+
+        time.sleep(EXIT_GRACE + 1.5)  # rank 1 has long exited: work on, then end cleanly
+    return "three steps"
+
+
+def run_exit(how: str, timeout: float | None) -> str:
+    layer = SyncBatchNorm(3, dtype=np.float64, backend="numpy", timeout=timeout)
+    x = np.random.default_rng(RANK).standard_normal((4, 3))
+    layer.forward(x)
+    print(f"rank {RANK} passed the first forward", flush=True)
+    if RANK == 1:
+        if how == "sys.exit":
+            sys.exit()
+        if how == "raise":
+            raise RuntimeError("rank 1 gives up")
+        raise _Leave
+    layer.forward(x)
+    return "second forward returned (it should not have)"
+
+
+class _Leave(Exception):
+    """Ends the script on this rank as falling off its end would (rc 0)."""
 
 
 def main(argv: list[str]) -> int:
@@ -309,6 +409,16 @@ def main(argv: list[str]) -> int:
         info = check_bad(int(argv[1]))
     elif mode == "variants":
         info = check_variants([int(s) for s in argv[1].split(",")], argv[2].split(","))
+    elif mode == "mismatch":
+        timeout = None if argv[2] == "none" else float(argv[2])
+        info = " | ".join(f"{k}: {check_mismatch(k, timeout)}" for k in argv[1].split(","))
+    elif mode == "clean":
+        info = run_clean()
+    elif mode == "exit":
+        try:
+            info = run_exit(argv[1], None if argv[2] == "none" else float(argv[2]))
+        except _Leave:
+            return 0
     elif mode in ("dead", "stuck"):
         # Everyone alive: no timeout (ranks may start seconds apart on a loaded machine).
         first = SyncBatchNorm(3, dtype=np.float64, backend="numpy")

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +46,16 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_mpi(n: int, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+def run_mpi(
+    n: int, *args: str, timeout: float = TIMEOUT, mpi4py_main: bool = True
+) -> subprocess.CompletedProcess:
     """Run the worker on `n` ranks; ``-m mpi4py`` turns a failed check into an abort."""
     pytest.importorskip("mpi4py")
     exe = _mpiexec()
     if exe is None:
         pytest.skip("mpiexec not found")
-    cmd = [exe, "-n", str(n), sys.executable, "-m", "mpi4py", str(WORKER), *args]
+    main = ["-m", "mpi4py"] if mpi4py_main else []
+    cmd = [exe, "-n", str(n), sys.executable, *main, str(WORKER), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
@@ -173,6 +177,56 @@ def test_dead_rank_ends_the_job():
         assert f"rank {r} passed the first forward" in proc.stdout, proc.stdout + proc.stderr
 
 
+MISMATCHES = ["features", "dtype", "input-dtype", "settings", "order", "mode", "phase", "grads"]
+
+
+@pytest.mark.parametrize("timeout", ["none", "30"])
+def test_configuration_mismatch_raises_on_every_rank(timeout):
+    # One kind after the other in one job, rank 1 differing each time; each rank checks that
+    # it raised RankMismatchError naming rank 1 and how (the needles are in
+    # tests/mpi_worker.py). Before the header exchange: a raw "Message truncated", corrupted
+    # statistics or a hang.
+    proc = run_mpi(3, "mismatch", ",".join(MISMATCHES), timeout, timeout=90)
+    assert_all_ok(proc, 3, "mismatch")
+    for kind in MISMATCHES:
+        assert proc.stdout.count(f" {kind}: rank 1") == 3, (kind, proc.stdout)
+
+
+@pytest.mark.parametrize(
+    "how, mpi4py_main, timeout",
+    [
+        ("sys.exit", True, "none"),
+        ("sys.exit", False, "none"),
+        ("sys.exit", False, "60"),
+        ("return", False, "none"),
+        ("raise", False, "none"),
+    ],
+)
+def test_a_rank_that_exits_ends_the_job(how, mpi4py_main, timeout):
+    # Rank 1 leaves after the first forward; ranks 0 and 2 wait for it in the second. The exit
+    # guard must end the job within about EXIT_GRACE seconds, long before the layer timeout
+    # or this hard limit (a hang fails here instead of hanging the suite).
+    from batchnorm.distributed import EXIT_GRACE
+
+    t0 = time.monotonic()
+    try:
+        proc = run_mpi(3, "exit", how, timeout, timeout=45, mpi4py_main=mpi4py_main)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"rank 1 left with {how} and the job hung")
+    took = time.monotonic() - t0
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "ok exit" not in proc.stdout
+    assert "rank 1 of 3 exited while rank" in proc.stderr, proc.stderr
+    assert took < 45 and EXIT_GRACE > 0
+
+
+def test_ranks_that_end_cleanly_at_different_times_are_not_aborted():
+    # Rank 1 exits after the last step; rank 0 works on for longer than the exit grace.
+    proc = run_mpi(3, "clean", timeout=60, mpi4py_main=False)
+    assert_all_ok(proc, 3, "clean")
+    assert "MPI_Abort" not in proc.stderr
+
+
 def test_stuck_rank_times_out_and_aborts():
     # Rank 1 never returns after the first forward; the others have timeout=2 and must end the
     # job (without that, it would hang until TIMEOUT fails the test).
@@ -282,8 +336,10 @@ def test_shard_bounds_partition_the_batch(n, size):
 
 
 def test_bytes_per_step():
-    assert forward_bytes(256, 4) == 8 * 4 * 514
-    assert backward_bytes(256) == 8 * 514
+    from batchnorm.distributed import HEADER_SIZE
+
+    assert forward_bytes(256, 4) == 8 * 4 * (HEADER_SIZE + 514)
+    assert backward_bytes(256, 4) == 8 * (4 * HEADER_SIZE + 514)
 
 
 def test_convert_sync_batchnorm_shares_arrays():
@@ -350,6 +406,6 @@ def test_bench_sync_reports_every_size_and_the_bytes(capsys):
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["1", "2"]
     assert [r[1] for r in rows] == ["8", "4"]  # rank 0's shard of the global batch
-    # No communication on one rank; 2 x (2C + 2) and (2C + 2) float64 on two.
+    # No communication on one rank; headers and statistics on two.
     assert rows[0][-2:] == ["0", "0"]
-    assert rows[1][-2:] == [str(forward_bytes(16, 2)), str(backward_bytes(16))]
+    assert rows[1][-2:] == [str(forward_bytes(16, 2)), str(backward_bytes(16, 2))]

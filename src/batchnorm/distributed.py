@@ -22,23 +22,50 @@ nothing. Backward: one ``Allreduce`` (sum) of ``sum(dy)`` and ``sum(dy * (x - ce
 feature (``2C + 2`` float64 with two status slots); ``center`` is the global mean rounded to the
 data dtype, the same on every rank, so these sums add up exactly to the whole batch's.
 
+Every collective of this module (the layer's forward and backward, :func:`allreduce_grads`,
+:class:`GlobalMeanLoss`) starts with one ``Allgather`` of a fixed-size header of
+``HEADER_SIZE`` float64 per rank: a status code, what the rank is doing (which collective, of
+which layer, its how-many-th call) and the layer's configuration (``num_features``, dtype,
+input dtype, eps, momentum, affine, track_running_stats, unbiased). Its size depends on
+nothing, so ranks that disagree still complete it; every rank then compares the table, and
+only when all agree does the payload collective follow (whose size depends on
+``num_features``).
+
 No hangs on bad input: every check that could fail on one rank only (dtype, dims, feature size,
-non-finite values, ``dy`` shape) is made before the collective and its outcome travels *in* the
-collective's buffer, whose size depends only on ``num_features``. So every rank completes the
-same collective and then every rank raises: the failing rank its own error, the others an
-error of the same class naming the failing rank. Nothing is updated on any rank.
+non-finite values, ``dy`` shape) is made before the header exchange, whose status code
+carries its outcome. Every rank then raises: the failing rank its own error, the others an
+error of the same class naming the failing rank. A configuration that differs between ranks
+(layers built differently, called in another order, in another mode, or a rank in another
+collective) raises :class:`RankMismatchError` on every rank, naming the ranks that differ
+from rank 0 and how. Nothing is updated on any rank.
+
+Layers are identified by creation order: the k-th multi-rank ``SyncBatchNorm`` (or
+:class:`MPIReducer`) made on a communicator is "layer #k" on every rank, so every rank must
+build its layers in the same order (as copies of one model, or :func:`convert_sync_batchnorm`
+on the same model, do). Eval mode does not communicate (as in PyTorch), so a rank whose layer
+is in eval mode while the others train is caught at its next collective of this module.
 
 A dead rank: MPICH's ``mpiexec`` (Hydra) kills the whole job when a process exits without
-``MPI_Finalize`` (``os._exit``, a signal, a crash). A Python exception that escapes on one rank
-is different: the interpreter calls ``MPI_Finalize`` at exit, which waits for the other ranks,
-which wait in the collective: a hang. Run scripts with ``mpiexec -n P python -m mpi4py
-script.py`` (mpi4py then calls ``MPI_Abort`` on an uncaught exception), or give the layer a
-``timeout``: the collectives are then non-blocking and polled, and a rank that waits longer
-than ``timeout`` seconds prints why and calls ``MPI_Abort``, which ends every rank of the job.
+``MPI_Finalize`` (``os._exit``, a signal, a crash). A process that exits through the
+interpreter (``sys.exit``, the end of the script, an uncaught exception without ``python -m
+mpi4py``) calls ``MPI_Finalize``, which waits for the other ranks; if they wait in a
+collective for the exited rank, that would hang. So creating a multi-rank
+:class:`SyncBatchNorm` or a :class:`DataParallel` installs an exit guard (``atexit``): a rank
+that exits first sends every other rank a small exit notice. The collectives of this module are
+non-blocking and polled; a rank that waits in one sees the notice and, when the collective
+still has not completed ``EXIT_GRACE`` seconds later (the exited rank can no longer take
+part), prints which rank exited and calls ``MPI_Abort``, which ends every rank of the job. A
+clean end, every rank exiting after its last collective, is not aborted. MPI calls of your own
+(``comm.Barrier()``, mpi4py's lowercase methods) are not watched: a rank waiting there for an
+exited rank still hangs; ``python -m mpi4py`` or :meth:`DataParallel.abort_on_error` cover
+exceptions. With ``timeout``, a rank that waits longer than ``timeout`` seconds in a
+collective of this module (a rank stuck, or alive but out of step) prints why and calls
+``MPI_Abort``.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import sys
 import time
@@ -56,14 +83,18 @@ from .renorm import BatchRenorm, Bound
 
 __all__ = [
     "DataParallel",
+    "EXIT_GRACE",
     "GlobalMeanLoss",
+    "HEADER_SIZE",
     "MPIReducer",
+    "RankMismatchError",
     "SyncBatchNorm",
     "SyncBatchRenorm",
     "allreduce_grads",
     "convert_sync_batchnorm",
-    "forward_bytes",
     "backward_bytes",
+    "forward_bytes",
+    "install_exit_guard",
     "shard_bounds",
 ]
 
@@ -115,17 +146,242 @@ def _peer_error(codes: np.ndarray, rank: int, size: int, where: str) -> Exceptio
     )
 
 
+HEADER_SIZE = 12
+"""float64 values per rank in the header ``Allgather`` that starts every collective."""
+
+EXIT_GRACE = 2.0
+"""Seconds a rank waiting in a collective gives it to complete after another rank's exit
+notice before it calls ``MPI_Abort`` (a rank that exits right after its last collective is
+not an error)."""
+
+# Header slots.
+_H_STATUS, _H_PHASE, _H_LAYER, _H_CALL, _H_C, _H_DTYPE, _H_XDTYPE = range(7)
+_H_EPS, _H_MOMENTUM, _H_FLAGS, _H_SIZE = range(7, 11)
+_FORWARD, _BACKWARD, _GRADS, _LOSS = 1, 2, 3, 4
+_PHASE_NAMES = {
+    _FORWARD: "SyncBatchNorm.forward",
+    _BACKWARD: "SyncBatchNorm.backward",
+    _GRADS: "allreduce_grads",
+    _LOSS: "GlobalMeanLoss",
+}
+_DTYPES = {2: "float16", 4: "float32", 8: "float64"}  # by itemsize
+# A point-to-point tag for exit notices (on COMM_WORLD; collectives never match it).
+_EXIT_TAG = 28258
+
+
+class RankMismatchError(RuntimeError):
+    """The ranks of a communicator disagree about a collective of this module: layers built
+    with different settings, called in a different order or mode, or a rank in another
+    collective. Raised on every rank."""
+
+
 def forward_bytes(num_features: int, size: int) -> int:
-    """Bytes of the forward ``Allgather`` result on each rank: ``size * (2C + 2)`` float64.
-
-    Each rank sends ``(2C + 2) * 8`` bytes and receives the other ranks' ``(size - 1)`` blocks.
-    """
-    return 8 * size * (2 * num_features + 2)
+    """Bytes gathered on each rank per training forward: ``size * (HEADER_SIZE + 2C + 2)``
+    float64 (the header, then count, mean and M2 per rank)."""
+    return 8 * size * (HEADER_SIZE + 2 * num_features + 2)
 
 
-def backward_bytes(num_features: int) -> int:
-    """Bytes of the backward ``Allreduce`` buffer: ``2C + 2`` float64 (sums and two flags)."""
-    return 8 * (2 * num_features + 2)
+def backward_bytes(num_features: int, size: int) -> int:
+    """Bytes per backward on each rank: the gathered headers (``size * HEADER_SIZE``
+    float64) and the ``Allreduce`` buffer of ``2C + 2`` float64 (the two sums per feature)."""
+    return 8 * (size * HEADER_SIZE + 2 * num_features + 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# watched collectives: headers, timeouts and exit notices
+
+_LAYER_COUNT: dict[int, int] = {}  # communicator handle -> multi-rank layers made on it
+_EXITED: set[int] = set()  # COMM_WORLD ranks that sent an exit notice
+_GUARD = {"installed": False}
+
+
+def _next_layer_id(comm: Any) -> int:
+    key = comm.py2f()
+    _LAYER_COUNT[key] = _LAYER_COUNT.get(key, 0) + 1
+    return _LAYER_COUNT[key] - 1
+
+
+def _send_exit_notices() -> None:
+    """At interpreter exit: tell every other rank that this one is gone (see the module
+    notes). Runs before mpi4py's ``MPI_Finalize``."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is None or not MPI.Is_initialized() or MPI.Is_finalized():
+        return
+    world = MPI.COMM_WORLD
+    me, size = world.Get_rank(), world.Get_size()
+    note = np.zeros(1)
+    reqs = [world.Isend(note, dest=r, tag=_EXIT_TAG) for r in range(size) if r != me]
+    # Then take every other rank's notice, as MPI_Finalize would wait for them anyway, so that
+    # no message is left unreceived at MPI_Finalize. A rank that waits for this one in a
+    # collective aborts the job instead of sending its notice.
+    pending = set(range(size)) - {me} - _EXITED
+    status = MPI.Status()
+    while pending or not MPI.Request.Testall(reqs):
+        if world.Iprobe(source=MPI.ANY_SOURCE, tag=_EXIT_TAG, status=status):
+            src = status.Get_source()
+            world.Recv(np.zeros(1), source=src, tag=_EXIT_TAG)
+            pending.discard(src)
+        else:
+            time.sleep(1e-3)
+
+
+def install_exit_guard() -> None:
+    """Make an interpreter exit on one rank end the job instead of hanging the others (see
+    the module notes). Done by :class:`SyncBatchNorm` and :class:`DataParallel`; idempotent."""
+    if _GUARD["installed"]:
+        return
+    MPI = _mpi()
+    if MPI.COMM_WORLD.Get_size() > 1:
+        atexit.register(_send_exit_notices)
+        _GUARD["installed"] = True
+
+
+def _exited_member(comm: Any) -> int | None:
+    """Collect pending exit notices; return a rank of `comm` (its own numbering) that exited."""
+    MPI = _mpi()
+    world = MPI.COMM_WORLD
+    status = MPI.Status()
+    while world.Iprobe(source=MPI.ANY_SOURCE, tag=_EXIT_TAG, status=status):
+        src = status.Get_source()
+        world.Recv(np.zeros(1), source=src, tag=_EXIT_TAG)
+        _EXITED.add(src)
+    if not _EXITED:
+        return None
+    ranks = MPI.Group.Translate_ranks(world.Get_group(), sorted(_EXITED), comm.Get_group())
+    for r in ranks:
+        if r != MPI.UNDEFINED:
+            return int(r)
+    return None
+
+
+def _abort(comm: Any, message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    # Give mpiexec a moment to forward the message: MPI_Abort kills the job at once.
+    time.sleep(0.5)
+    comm.Abort(1)
+
+
+def _watch(comm: Any, request: Any, what: str, timeout: float | None) -> None:
+    """Wait for a non-blocking collective; abort the job when a rank of `comm` has exited (it
+    can no longer take part) or after `timeout` seconds."""
+    if request.Test():
+        return
+    start = time.monotonic()
+    spin_until = start + 2e-4  # a short busy wait: most collectives complete within it
+    delay = 1e-5
+    gone_since = None
+    while not request.Test():
+        now = time.monotonic()
+        if now < spin_until:
+            continue
+        rank, size = comm.Get_rank(), comm.Get_size()
+        if timeout is not None and now - start > timeout:
+            _abort(comm, f"SyncBatchNorm: rank {rank} of {size} waited more than {timeout} s in "
+                   f"the {what}; another rank is dead, stuck or calling the layer out of step. "
+                   "Calling MPI_Abort.")
+        gone = _exited_member(comm)
+        if gone is not None:
+            if gone_since is None:
+                gone_since = now
+            elif now - gone_since > EXIT_GRACE:
+                _abort(comm, f"SyncBatchNorm: rank {gone} of {size} exited while rank {rank} "
+                       f"waits for it in the {what}; it can no longer take part. Calling "
+                       "MPI_Abort to end the job.")
+        # Sleep a little (growing to 1 ms) so that an oversubscribed machine is not spun on.
+        time.sleep(delay)
+        delay = min(2 * delay, 1e-3)
+
+
+def _allgather(comm: Any, row: np.ndarray, what: str, timeout: float | None) -> np.ndarray:
+    table = np.empty((comm.Get_size(), row.size), dtype=np.float64)
+    _watch(comm, comm.Iallgather(row, table), what, timeout)
+    return table
+
+
+def _allreduce(comm: Any, buf: np.ndarray, what: str, timeout: float | None) -> np.ndarray:
+    out = np.empty_like(buf)
+    _watch(comm, comm.Iallreduce(buf, out, op=_mpi().SUM), what, timeout)
+    return out
+
+
+def _header(phase: int, *, status: int = 0, layer: int = -1, call: int = 0, size: int = 0,
+            settings: dict | None = None, x_itemsize: int = 0) -> np.ndarray:
+    h = np.zeros(HEADER_SIZE)
+    h[_H_STATUS], h[_H_PHASE], h[_H_LAYER], h[_H_CALL] = status, phase, layer, call
+    h[_H_C] = h[_H_SIZE] = size
+    h[_H_XDTYPE] = x_itemsize
+    if settings is not None:
+        h[_H_DTYPE] = settings["dtype"].itemsize
+        h[_H_EPS] = settings["eps"]
+        h[_H_MOMENTUM] = -1.0 if settings["momentum"] is None else settings["momentum"]
+        h[_H_FLAGS] = (settings["affine"] + 2 * settings["track_running_stats"]
+                       + 4 * settings["unbiased"] + 8 * settings.get("renorm", False))
+    return h
+
+
+def _doing(row: np.ndarray) -> str:
+    phase = int(row[_H_PHASE])
+    name = _PHASE_NAMES.get(phase, f"an unknown collective ({phase})")
+    if phase in (_FORWARD, _BACKWARD):
+        return f"{name} of layer #{int(row[_H_LAYER])} (its call {int(row[_H_CALL])})"
+    return f"{name} of {int(row[_H_SIZE])} values"
+
+
+def _settings_text(row: np.ndarray) -> dict[str, str]:
+    flags = int(row[_H_FLAGS])
+    mom = row[_H_MOMENTUM]
+    return {
+        "num_features": str(int(row[_H_C])),
+        "dtype": _DTYPES.get(int(row[_H_DTYPE]), "?"),
+        "eps": repr(float(row[_H_EPS])),
+        "momentum": "None" if mom == -1 else repr(float(mom)),
+        "affine": str(bool(flags & 1)),
+        "track_running_stats": str(bool(flags & 2)),
+        "unbiased": str(bool(flags & 4)),
+        "layer": "BatchRenorm" if flags & 8 else "BatchNorm",
+    }
+
+
+def _mismatch(table: np.ndarray, rank: int, what: str) -> RankMismatchError | None:
+    """The error every rank raises when the gathered headers disagree (the same table on every
+    rank gives the same verdict), or None."""
+    size = table.shape[0]
+    ref = table[0]
+    lines = []
+    for r in range(1, size):
+        row = table[r]
+        where = (_H_PHASE, _H_LAYER, _H_CALL)
+        if (row[list(where)] != ref[list(where)]).any() or (
+            row[_H_PHASE] in (_GRADS, _LOSS) and row[_H_SIZE] != ref[_H_SIZE]
+        ):
+            lines.append(f"rank {r} is in {_doing(row)}, rank 0 in {_doing(ref)}")
+            continue
+        if row[_H_PHASE] not in (_FORWARD, _BACKWARD):
+            continue
+        mine, theirs = _settings_text(row), _settings_text(ref)
+        diff = [f"{k}={mine[k]} (rank 0: {theirs[k]})" for k in mine if mine[k] != theirs[k]]
+        if diff:
+            lines.append(f"rank {r} has {', '.join(diff)}")
+    if not lines:
+        # The input dtype, among the ranks whose input passed its checks.
+        ok = [r for r in range(size) if table[r, _H_STATUS] == _OK and table[r, _H_XDTYPE]]
+        kinds = {int(table[r, _H_XDTYPE]) for r in ok}
+        if len(kinds) > 1:
+            first = int(table[ok[0], _H_XDTYPE])
+            lines = [
+                f"rank {r}'s input is computed in {_DTYPES.get(int(table[r, _H_XDTYPE]))} "
+                f"(rank {ok[0]}: {_DTYPES.get(first)})"
+                for r in ok if int(table[r, _H_XDTYPE]) != first
+            ]
+    if not lines:
+        return None
+    return RankMismatchError(
+        f"{what} on rank {rank} of {size}: the ranks disagree: " + "; ".join(lines) + ". Every "
+        "rank must build the same layers in the same order (same num_features, dtype and "
+        "settings), give them inputs of one dtype and call them in the same order and mode "
+        "(an eval-mode or frozen layer does not communicate); every rank raised and nothing "
+        "was updated"
+    )
 
 
 def _merge(table: np.ndarray, c: int) -> tuple[float, np.ndarray, np.ndarray]:
@@ -172,16 +428,38 @@ class MPIReducer:
         Fixes the size of the collectives' buffers, so that a rank whose input is invalid can
         still take part (with a failure code) without looking at it.
     timeout : float or None
-        Seconds to wait in a collective before ``MPI_Abort``; None waits forever (blocking
-        collectives).
+        Seconds to wait in a collective before ``MPI_Abort``; None waits as long as every rank
+        is alive.
+    settings : dict or None
+        The layer's ``dtype, eps, momentum, affine, track_running_stats, unbiased``, compared
+        across ranks in every collective; None compares ``num_features`` only.
+
+    Notes
+    -----
+    The reducer is "layer #k", k its creation index on `comm` (the same on every rank when every
+    rank builds its layers in the same order), and counts its collectives; both travel in the
+    header of every collective (see the module notes).
     """
 
     local = False
 
-    def __init__(self, comm: Any, num_features: int, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        comm: Any,
+        num_features: int,
+        timeout: float | None = None,
+        *,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         self.comm = comm
         self.num_features = int(num_features)
         self.timeout = None if timeout is None else float(timeout)
+        self.settings = None if settings is None else dict(settings)
+        if self.settings is not None:
+            self.settings["dtype"] = np.dtype(self.settings["dtype"])
+        self.layer_id = _next_layer_id(comm)
+        self.calls = 0
+        install_exit_guard()
 
     def __deepcopy__(self, memo) -> MPIReducer:
         return self  # holds a communicator, which is not copied
@@ -189,73 +467,37 @@ class MPIReducer:
     def __repr__(self) -> str:
         return (
             f"MPIReducer(ranks={self.comm.Get_size()}, num_features={self.num_features}, "
-            f"timeout={self.timeout})"
+            f"timeout={self.timeout}, layer={self.layer_id})"
         )
 
     # collectives -----------------------------------------------------------------------------
-    def _wait(self, request, what: str) -> None:
-        """Wait for a non-blocking collective, or abort the job after `timeout` seconds."""
-        deadline = time.monotonic() + self.timeout
-        delay = 1e-5
-        while not request.Test():
-            if time.monotonic() > deadline:
-                rank, size = self.comm.Get_rank(), self.comm.Get_size()
-                print(
-                    f"SyncBatchNorm: rank {rank} of {size} waited more than {self.timeout} s in "
-                    f"the {what}; another rank is dead, stuck or calling the layer out of step. "
-                    "Calling MPI_Abort.",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                # Give mpiexec a moment to forward the message: MPI_Abort kills the job at once.
-                time.sleep(0.5)
-                self.comm.Abort(1)
-            # Sleep a little (growing to 1 ms) so that an oversubscribed machine is not spun on.
-            time.sleep(delay)
-            delay = min(2 * delay, 1e-3)
+    def _check_in(self, phase: int, status: int, x_itemsize: int = 0) -> np.ndarray:
+        """The header exchange that starts every collective of this layer; raises
+        :class:`RankMismatchError` on every rank when the ranks disagree. Returns the status
+        codes, one per rank."""
+        h = _header(phase, status=status, layer=self.layer_id, call=self.calls,
+                    size=self.num_features, settings=self.settings, x_itemsize=x_itemsize)
+        what = _PHASE_NAMES[phase]
+        table = _allgather(self.comm, h, f"{what} header all-gather", self.timeout)
+        self.calls += 1
+        err = _mismatch(table, self.comm.Get_rank(), what)
+        if err is not None:
+            raise err
+        return table[:, _H_STATUS]
 
-    def _allgather(self, row: np.ndarray) -> np.ndarray:
-        table = np.empty((self.comm.Get_size(), row.size), dtype=np.float64)
-        if self.timeout is None:
-            self.comm.Allgather(row, table)
-        else:
-            self._wait(self.comm.Iallgather(row, table), "forward all-gather")
-        return table
-
-    def _allreduce(self, buf: np.ndarray) -> np.ndarray:
-        MPI = _mpi()
-        out = np.empty_like(buf)
-        if self.timeout is None:
-            self.comm.Allreduce(buf, out, op=MPI.SUM)
-        else:
-            self._wait(self.comm.Iallreduce(buf, out, op=MPI.SUM), "backward all-reduce")
-        return out
-
-    def _exchange_stats(self, status: int, n: int, mean, m2) -> np.ndarray:
-        c = self.num_features
-        row = np.zeros(2 * c + 2)
-        row[0] = status
-        if status == _OK:
-            row[1] = n
-            row[2 : 2 + c] = mean
-            row[2 + c :] = m2
-        return self._allgather(row)
+    def _raise_for(self, codes: np.ndarray, where: str) -> None:
+        if (codes != _OK).any():
+            raise _peer_error(codes, self.comm.Get_rank(), self.comm.Get_size(), where)
 
     # the reducer interface -------------------------------------------------------------------
     @contextlib.contextmanager
     def guard(self, phase: str) -> Iterator[None]:
-        """Join the collective the other ranks are entering with a failure code when the body
-        raises on this rank, so that they raise too instead of waiting for it forever."""
+        """Join the header exchange the other ranks are entering with a failure code when the
+        body raises on this rank, so that they raise too instead of waiting for it forever."""
         try:
             yield
         except Exception as err:
-            if phase == "forward":
-                self._exchange_stats(_code_of(err), 0, None, None)
-            else:
-                buf = np.zeros(2 * self.num_features + 2)
-                buf[-2] = self.comm.Get_rank() + 1
-                buf[-1] = 1
-                self._allreduce(buf)
+            self._check_in(_FORWARD if phase == "forward" else _BACKWARD, _code_of(err))
             raise
 
     def moments(self, backend, x3, *, check_finite, shape):
@@ -270,11 +512,15 @@ class MPIReducer:
         else:
             # An empty shard: its moments would be 0/0; it contributes count 0.
             mean = m2 = np.zeros(c)
-        table = self._exchange_stats(status, n, mean, m2)
+        codes = self._check_in(_FORWARD, status, x3.dtype.itemsize)
         if own_error is not None:
             raise own_error
-        if (table[:, 0] != _OK).any():
-            raise _peer_error(table[:, 0], self.comm.Get_rank(), self.comm.Get_size(), "forward")
+        self._raise_for(codes, "forward")
+        row = np.zeros(2 * c + 2)
+        row[1] = n
+        row[2 : 2 + c] = mean
+        row[2 + c :] = m2
+        table = _allgather(self.comm, row, "forward all-gather", self.timeout)
         total, gmean, gm2 = _merge(table, c)
         count = int(total)
         var = gm2 / count if count > 0 else gm2
@@ -282,21 +528,11 @@ class MPIReducer:
 
     def grad_sums(self, sum_dy, sum_dy_xc):
         c = self.num_features
+        self._raise_for(self._check_in(_BACKWARD, _OK), "backward")
         buf = np.zeros(2 * c + 2)
         buf[:c] = sum_dy
         buf[c : 2 * c] = sum_dy_xc
-        out = self._allreduce(buf)
-        failed = int(out[-1])
-        if failed:
-            size = self.comm.Get_size()
-            if failed == 1:  # the slot before holds that rank + 1
-                codes = np.zeros(size)
-                codes[int(out[-2]) - 1] = 4
-                raise _peer_error(codes, self.comm.Get_rank(), size, "backward")
-            raise RuntimeError(
-                f"SyncBatchNorm.backward failed on {failed} of {size} ranks (see their "
-                "messages); every rank raised"
-            )
+        out = _allreduce(self.comm, buf, "backward all-reduce", self.timeout)
         return out[:c], out[c : 2 * c]
 
 
@@ -314,8 +550,8 @@ class SyncBatchNorm(BatchNorm):
         The ranks that share a batch; None means ``MPI.COMM_WORLD``.
     timeout : float or None, default None
         Seconds a rank waits in a collective before it reports the problem on stderr and calls
-        ``MPI_Abort`` (ending every rank of the job). None waits forever, with blocking
-        collectives (slightly faster); see the module notes for what happens when a rank dies.
+        ``MPI_Abort`` (ending every rank of the job). None waits as long as the other ranks
+        are alive; see the module notes for what happens when a rank exits or dies.
     **kwargs
         ``axis, eps, momentum, affine, track_running_stats, unbiased, dtype, backend,
         activation, reuse_outputs`` as in :class:`~batchnorm.BatchNorm` (a fused activation
@@ -335,17 +571,23 @@ class SyncBatchNorm(BatchNorm):
 
     Eval mode and a communicator of one rank use the local path (no communication); with
     ``track_running_stats=False`` eval mode normalises with the local batch's statistics.
-    Every rank must call ``forward`` and ``backward`` in the same order and the same mode.
+    Every rank must build its layers in the same order with the same settings and call
+    ``forward`` and ``backward`` in the same order and the same mode; when they do not,
+    every rank raises :class:`RankMismatchError` naming the ranks that differ and how.
     When the input of any rank is invalid, every rank raises: the failing rank its own error,
     the others an error of the same class that names the failing rank; nothing is updated.
 
-    Costs one ``Allgather`` of ``P * (2C + 2)`` float64 per training forward and one
-    ``Allreduce`` of ``2C + 2`` float64 per backward, whatever the batch size.
+    Costs per training step, whatever the batch size: in the forward one ``Allgather`` of the
+    ``HEADER_SIZE`` (12) float64 header and one of ``2C + 2`` float64 per rank; in the
+    backward one header ``Allgather`` and one ``Allreduce`` of ``2C + 2`` float64
+    (:func:`forward_bytes`, :func:`backward_bytes`).
 
     Raises
     ------
     ImportError
         When mpi4py or its MPI library is missing.
+    RankMismatchError
+        From ``forward``/``backward``, on every rank, when the ranks disagree.
     """
 
     def __init__(
@@ -393,8 +635,12 @@ def _make_sync(layer: BatchNorm, comm: Any, timeout: float | None) -> None:
     layer.comm = comm
     layer.timeout = timeout
     # One rank: the local path, without communication.
+    settings = dict(dtype=layer.dtype, eps=layer.eps, momentum=layer.momentum,
+                    affine=layer.affine, track_running_stats=layer.track_running_stats,
+                    unbiased=layer.unbiased, renorm=isinstance(layer, BatchRenorm))
     layer.reducer = (
-        MPIReducer(comm, layer.num_features, timeout) if comm.Get_size() > 1 else LOCAL
+        MPIReducer(comm, layer.num_features, timeout, settings=settings)
+        if comm.Get_size() > 1 else LOCAL
     )
 
 
@@ -574,19 +820,37 @@ def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def allreduce_grads(grads: Sequence[np.ndarray], comm: Any = None) -> None:
+def _check_in(comm: Any, phase: int, size: int, timeout: float | None) -> None:
+    """The header exchange before a collective that is not a layer's (see the module notes)."""
+    table = _allgather(comm, _header(phase, size=size), f"{_PHASE_NAMES[phase]} header "
+                       "all-gather", timeout)
+    err = _mismatch(table, comm.Get_rank(), _PHASE_NAMES[phase])
+    if err is not None:
+        raise err
+
+
+def allreduce_grads(
+    grads: Sequence[np.ndarray], comm: Any = None, *, timeout: float | None = None
+) -> None:
     """Sum each gradient array over the ranks of `comm`, in place, in one ``Allreduce``.
 
     The arrays are packed into one float64 buffer (whatever their dtypes) so that a step costs
-    one collective, and unpacked back into their own dtype.
+    one collective (after the header exchange of the module notes, which raises
+    :class:`RankMismatchError` on every rank when the ranks' total sizes differ or a rank is
+    in another collective), and unpacked back into their own dtype. `timeout` as in
+    :class:`SyncBatchNorm`.
     """
     MPI = _mpi()
     comm = MPI.COMM_WORLD if comm is None else comm
-    if comm.Get_size() == 1 or not grads:
+    if comm.Get_size() == 1:
         return
-    flat = np.concatenate([np.asarray(g, dtype=np.float64).ravel() for g in grads])
-    out = np.empty_like(flat)
-    comm.Allreduce(flat, out, op=MPI.SUM)
+    flat = np.concatenate(
+        [np.asarray(g, dtype=np.float64).ravel() for g in grads] or [np.zeros(0)]
+    )
+    _check_in(comm, _GRADS, flat.size, timeout)
+    if not grads:
+        return
+    out = _allreduce(comm, flat, "gradient all-reduce", timeout)
     i = 0
     for g in grads:
         g[...] = out[i : i + g.size].reshape(g.shape)
@@ -604,13 +868,16 @@ class GlobalMeanLoss:
     Parameters
     ----------
     comm : mpi4py.MPI.Intracomm or None
+    timeout : float or None
+        As in :class:`SyncBatchNorm`.
     """
 
-    def __init__(self, comm: Any = None) -> None:
+    def __init__(self, comm: Any = None, *, timeout: float | None = None) -> None:
         from .nn import SoftmaxCrossEntropy
 
         MPI = _mpi()
         self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.timeout = timeout
         # The sum over the shard: defined (0) for an empty shard, and what the all-reduce adds.
         self._local = SoftmaxCrossEntropy(reduction="sum")
         self._n = 0
@@ -624,7 +891,12 @@ class GlobalMeanLoss:
         local = self._local.forward(logits, labels)
         n = len(labels)
         self._n = n
-        total, count = self.comm.allreduce(np.array([local, float(n)]), op=_mpi().SUM)
+        if self.comm.Get_size() == 1:
+            total, count = local, float(n)
+        else:
+            _check_in(self.comm, _LOSS, 2, self.timeout)
+            total, count = _allreduce(self.comm, np.array([local, float(n)]), "loss all-reduce",
+                                      self.timeout)
         return float(total / count) if count > 0 else float("nan")
 
     def backward(self, scale: float = 1.0) -> np.ndarray:
@@ -666,6 +938,7 @@ class DataParallel:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.timeout = timeout
+        install_exit_guard()
 
     @property
     def is_root(self) -> bool:
@@ -684,7 +957,7 @@ class DataParallel:
 
     def loss_fn(self) -> GlobalMeanLoss:
         """A softmax cross-entropy that reports the global batch's mean loss."""
-        return GlobalMeanLoss(self.comm)
+        return GlobalMeanLoss(self.comm, timeout=self.timeout)
 
     @contextlib.contextmanager
     def abort_on_error(self) -> Iterator[None]:
@@ -706,4 +979,5 @@ class DataParallel:
 
     def grad_hook(self, model: Any) -> None:
         """Sum ``model.grads`` over the ranks, in place (one all-reduce)."""
-        allreduce_grads([g for g in model.grads.values() if g is not None], self.comm)
+        allreduce_grads([g for g in model.grads.values() if g is not None], self.comm,
+                        timeout=self.timeout)

@@ -8,12 +8,14 @@ For each size K the global batch (``--shape``, default (64, 256, 14, 14)) is spl
 ranks as evenly as possible and every rank times, on its own shard:
 
 - ``BatchNorm`` forward + backward (no communication: what each rank would pay without sync);
-- ``SyncBatchNorm`` forward + backward (one Allgather, one Allreduce);
+- ``SyncBatchNorm`` forward + backward (header and statistics Allgathers, header Allgather
+  and Allreduce);
 - the two collectives alone, on buffers of the same size.
 
 A step's time is the slowest rank's; the table shows the median over ``--repeat`` steps.
-Bytes per step are those of the collectives' buffers: ``K * (2C + 2)`` float64 gathered in the
-forward and ``2C + 2`` float64 reduced in the backward, independent of the batch size.
+Bytes per step are those of the collectives' buffers (``forward_bytes``, ``backward_bytes``):
+``K * (12 + 2C + 2)`` float64 gathered in the forward (headers and statistics), ``K * 12``
+gathered and ``2C + 2`` reduced in the backward, independent of the batch size.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def _worker(args: argparse.Namespace) -> dict:
         "t_polled": t_polled,
         "t_comm": t_comm,
         "bytes_fwd": forward_bytes(c, size) if size > 1 else 0,
-        "bytes_bwd": backward_bytes(c) if size > 1 else 0,
+        "bytes_bwd": backward_bytes(c, size) if size > 1 else 0,
     }
 
 
