@@ -10,17 +10,19 @@ ImportError naming the extra to install when mpi4py or its MPI library is missin
 Notes
 -----
 Forward (training, more than one rank): each rank packs, per feature, its count ``n_r``, mean
-``m_r`` and sum of squared deviations ``M2_r`` into a float64 buffer of ``2C + 2`` values with a
-status code in front, and one ``Allgather`` gives every rank the table of all ranks. Every rank
+``m_r`` and sum of squared deviations ``M2_r`` into a float64 buffer of ``2C + 2`` values (a
+slot left 0 in front), and one ``Allgather`` after the header exchange below gives every rank
+the table of all ranks. Every rank
 merges the table in rank order ``0, 1, ..., P-1`` with Chan et al.'s pairwise update::
 
     n = n_a + n_b,  d = m_b - m_a,  m = m_a + d * n_b / n,  M2 = M2_a + M2_b + d**2 n_a n_b / n
 
 so all ranks compute bit-identical statistics (same bytes, same operations, same order), and
 the running statistics stay identical on every rank. A rank with no samples contributes
-nothing. Backward: one ``Allreduce`` (sum) of ``sum(dy)`` and ``sum(dy * (x - center))`` per
-feature (``2C + 2`` float64 with two status slots); ``center`` is the global mean rounded to the
-data dtype, the same on every rank, so these sums add up exactly to the whole batch's.
+nothing. Backward: after a header exchange, one ``Allreduce`` (sum) of ``sum(dy)`` and
+``sum(dy * (x - center))`` per feature (``2C + 2`` float64, two slots unused); ``center`` is the
+global mean rounded to the data dtype, the same on every rank, so these sums add up exactly to
+the whole batch's.
 
 Every collective of this module (the layer's forward and backward, :func:`allreduce_grads`,
 :class:`GlobalMeanLoss`) starts with one ``Allgather`` of a fixed-size header of

@@ -21,8 +21,10 @@ and the input gradient. The reducer is the one place where that path asks "over 
     True when the statistics are this call's own: the orchestration may then use a backend's
     fused kernels, which compute statistics and output in one call.
 
-A reducer is stateless between calls (the MPI reducer holds only its communicator), so one
-object serves any number of layers.
+A local reducer is stateless, so one object serves any number of layers. The MPI reducer holds
+its communicator, its layer's settings, its creation index on the communicator ("layer #k") and
+a count of its collectives, which it compares across ranks in every collective: one per layer
+(copies of a layer share it).
 """
 
 from __future__ import annotations
