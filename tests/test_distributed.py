@@ -206,8 +206,6 @@ def test_a_rank_that_exits_ends_the_job(how, mpi4py_main, timeout):
     # Rank 1 leaves after the first forward; ranks 0 and 2 wait for it in the second. The exit
     # guard must end the job within about EXIT_GRACE seconds, long before the layer timeout
     # or this hard limit (a hang fails here instead of hanging the suite).
-    from batchnorm.distributed import EXIT_GRACE
-
     t0 = time.monotonic()
     try:
         proc = run_mpi(3, "exit", how, timeout, timeout=45, mpi4py_main=mpi4py_main)
@@ -217,7 +215,7 @@ def test_a_rank_that_exits_ends_the_job(how, mpi4py_main, timeout):
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "ok exit" not in proc.stdout
     assert "rank 1 of 3 exited while rank" in proc.stderr, proc.stderr
-    assert took < 45 and EXIT_GRACE > 0
+    assert took < 45
 
 
 def test_ranks_that_end_cleanly_at_different_times_are_not_aborted():
