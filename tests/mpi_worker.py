@@ -387,10 +387,13 @@ def run_clean() -> str:
 
 
 def run_exit(how: str, timeout: float | None) -> str:
+    # Everyone alive first, without a timeout (ranks may start seconds apart).
+    first = SyncBatchNorm(3, dtype=np.float64, backend="numpy")
     layer = SyncBatchNorm(3, dtype=np.float64, backend="numpy", timeout=timeout)
     x = np.random.default_rng(RANK).standard_normal((4, 3))
-    layer.forward(x)
+    first.forward(x)
     print(f"rank {RANK} passed the first forward", flush=True)
+    COMM.Barrier()
     if RANK == 1:
         if how == "sys.exit":
             sys.exit()

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +185,7 @@ def test_configuration_mismatch_raises_on_every_rank(timeout):
     # it raised RankMismatchError naming rank 1 and how (the needles are in
     # tests/mpi_worker.py). Before the header exchange: a raw "Message truncated", corrupted
     # statistics or a hang.
-    proc = run_mpi(3, "mismatch", ",".join(MISMATCHES), timeout, timeout=90)
+    proc = run_mpi(3, "mismatch", ",".join(MISMATCHES), timeout)
     assert_all_ok(proc, 3, "mismatch")
     for kind in MISMATCHES:
         assert proc.stdout.count(f" {kind}: rank 1") == 3, (kind, proc.stdout)
@@ -204,23 +203,21 @@ def test_configuration_mismatch_raises_on_every_rank(timeout):
 )
 def test_a_rank_that_exits_ends_the_job(how, mpi4py_main, timeout):
     # Rank 1 leaves after the first forward; ranks 0 and 2 wait for it in the second. The exit
-    # guard must end the job within about EXIT_GRACE seconds, long before the layer timeout
-    # or this hard limit (a hang fails here instead of hanging the suite).
-    t0 = time.monotonic()
+    # guard ends the job about EXIT_GRACE seconds later (before the layer timeout); a hang
+    # fails at the job's hard limit instead of hanging the suite.
     try:
-        proc = run_mpi(3, "exit", how, timeout, timeout=45, mpi4py_main=mpi4py_main)
+        proc = run_mpi(3, "exit", how, timeout, mpi4py_main=mpi4py_main)
     except subprocess.TimeoutExpired:
         pytest.fail(f"rank 1 left with {how} and the job hung")
-    took = time.monotonic() - t0
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "ok exit" not in proc.stdout
     assert "rank 1 of 3 exited while rank" in proc.stderr, proc.stderr
-    assert took < 45
+    assert "waited more than" not in proc.stderr  # the exit notice, not the timeout
 
 
 def test_ranks_that_end_cleanly_at_different_times_are_not_aborted():
     # Rank 1 exits after the last step; rank 0 works on for longer than the exit grace.
-    proc = run_mpi(3, "clean", timeout=60, mpi4py_main=False)
+    proc = run_mpi(3, "clean", mpi4py_main=False)
     assert_all_ok(proc, 3, "clean")
     assert "MPI_Abort" not in proc.stderr
 
