@@ -47,6 +47,7 @@ __all__ = [
     "build_model",
     "main",
     "make_batches",
+    "open_progress_bar",
     "run_experiment",
     "steps_to_target",
     "train_network",
@@ -690,6 +691,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="batchnorm-demo",
                    help="output directory (default ./batchnorm-demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--experiment", choices=("batch-size",), default=None,
+                   help="run another experiment instead: batch-size (BatchNorm, BatchRenorm, "
+                   "GroupNorm, ghost BatchNorm and no normalization at batch sizes 2-64; writes "
+                   "batch_size.json, batch_size.txt and batch_size.png)")
+    p.add_argument("--seeds", type=int_at_least(1), default=None,
+                   help="--experiment batch-size: train with this many seeds from --seed and "
+                   "average (default 2; 1 with --quick)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes of mpiexec (mpiexec -n 4 batchnorm "
                    "demo --distributed): each global batch split across them, SyncBatchNorm, "
@@ -709,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
     why = check_output_dir(args.out)
     if why is not None:
         parser.error(f"argument --out: {why}")
+    if args.experiment == "batch-size":
+        from .experiment import run_from_args
+
+        return run_from_args(parser, args, sys.argv[1:] if argv is None else argv)
+    if args.seeds is not None:
+        parser.error("argument --seeds: expected it only with --experiment batch-size")
     scales = np.logspace(0, -4, QUICK_SCALES if args.quick else 16)
     epochs = args.epochs
     if args.quick and epochs is None:
@@ -739,15 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     # Settings first (cheap), so that the bar knows its total.
     probe = _settings_for(data, args, scales, epochs)
     if show:
-        from tqdm import tqdm
-
-        try:
-            sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
-        except OSError:
-            sized = False
-        # tqdm hides its bar on a terminal that reports a size of 0 (some ptys): assume 80x24.
-        bar = tqdm(total=total_steps(probe), unit="step", desc="training", file=sys.stderr,
-                   dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24)
+        bar = open_progress_bar(total_steps(probe))
     # Distributed: an error on one rank must end every rank, not leave them waiting.
     guard = contextlib.nullcontext() if parallel is None else parallel.abort_on_error()
     try:
@@ -770,6 +776,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     print(f"wall time {elapsed:.1f} s")
     return 0
+
+
+def open_progress_bar(total: int) -> Any:
+    """A tqdm bar on stderr counting `total` training steps (``bar.update(steps)``)."""
+    from tqdm import tqdm
+
+    try:
+        sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
+    except OSError:
+        sized = False
+    # tqdm hides its bar on a terminal that reports a size of 0 (some ptys): assume 80x24.
+    return tqdm(total=total, unit="step", desc="training", file=sys.stderr,
+                dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24)
 
 
 def _settings_for(data: Dataset, args: argparse.Namespace, scales: np.ndarray,
