@@ -344,7 +344,7 @@ def plot_batch_size(results: dict[str, Any], path: str | os.PathLike, dpi: int =
     ax.set_title(f"CNN on {s['dataset']}, {s['epochs']} epochs, lr {s['lr']:g} x batch/"
                  f"{REFERENCE_BATCH}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower center")
     fig.tight_layout()
     fig.savefig(path, dpi=dpi, metadata={"Software": None})
     plt.close(fig)
