@@ -146,3 +146,28 @@ def test_training_forward_does_not_keep_the_users_array(backend):
     layer.forward(x)
     del x
     assert _freed(ref)  # the layer keeps its own copy, not the caller's array
+
+
+def test_a_read_only_input_is_kept_without_a_copy_and_a_writeable_one_is_copied():
+    from batchnorm.functional import read_only
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    _, cache = bn.batch_norm_train(x, None, None)
+    assert not np.shares_memory(cache.x3, x)  # writeable: copied
+    x.setflags(write=False)
+    assert read_only(x)
+    _, cache = bn.batch_norm_train(x, None, None)
+    assert np.shares_memory(cache.x3, x)  # nothing can write to it: kept as it is
+    # a read-only view of writeable memory is copied
+    base = rng.standard_normal((16, 4)).astype(np.float32)
+    view = base[:]
+    view.setflags(write=False)
+    assert not read_only(view)
+    _, cache = bn.batch_norm_train(view, None, None)
+    assert not np.shares_memory(cache.x3, base)
+    # memory from a bytearray can be written through the bytearray: copied; bytes cannot
+    ro = np.frombuffer(bytes(x.tobytes()), dtype=np.float32).reshape(16, 4)
+    rw = np.frombuffer(bytearray(x.tobytes()), dtype=np.float32).reshape(16, 4)
+    rw.setflags(write=False)
+    assert read_only(ro) and not read_only(rw)

@@ -73,6 +73,7 @@ __all__ = [
     "batch_norm_inference",
     "batch_norm_train",
     "inference_forward",
+    "read_only",
     "running_step",
     "train_forward",
     "update_running_stats",
@@ -273,8 +274,27 @@ def as_3d(x: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
 
 def _own(x3: np.ndarray, x: np.ndarray) -> np.ndarray:
     """`x3`, copied if it may share memory with the caller's `x` (float16 input, a layout
-    that needs a copy to become (A, C, B): already a private array)."""
-    return x3.copy() if np.may_share_memory(x3, x) else x3
+    that needs a copy to become (A, C, B): already a private array) and that memory can still
+    be written (see :func:`read_only`)."""
+    if not np.may_share_memory(x3, x) or read_only(x):
+        return x3
+    return x3.copy()
+
+
+def read_only(a: np.ndarray) -> bool:
+    """Whether no array can write to `a`'s memory: `a` and every array it is a view of are
+    read-only, down to memory that owns itself or an immutable ``bytes`` object.
+
+    The kernels keep such an input as it is instead of copying it for backward (the copy is
+    the one extra pass over the data a training step makes). Mark an input read-only with
+    ``x.setflags(write=False)`` to save that pass; setting the flag back and editing the array
+    before backward is the one way around the guarantee.
+    """
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return a is None or isinstance(a, bytes)
 
 
 def _count_error(
@@ -478,7 +498,7 @@ def train_forward(
 
     The cache keeps a private copy of the input (one pass over ``x`` and its size in memory
     until the cache is dropped) unless converting ``x`` to the compute dtype or layout already
-    made one (float16 input).
+    made one (float16 input) or nothing can write to ``x`` (:func:`read_only`).
 
     Raises
     ------
