@@ -171,3 +171,20 @@ def test_a_read_only_input_is_kept_without_a_copy_and_a_writeable_one_is_copied(
     rw = np.frombuffer(bytearray(x.tobytes()), dtype=np.float32).reshape(16, 4)
     rw.setflags(write=False)
     assert read_only(ro) and not read_only(rw)
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 32, 40), 1), ((2048, 40), 1), ((64, 40, 32), -1)])
+def test_a_large_input_is_copied_by_the_backend_and_edits_do_not_matter(backend, shape, axis):
+    """Large inputs take the numba backend's multi-threaded copy: same values, own memory."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, cache = bn.batch_norm_train(x, None, None, axis=axis, backend=backend)
+    assert not np.shares_memory(cache.x3, x)
+    np.testing.assert_array_equal(cache.x3.reshape(-1), np.moveaxis(x, axis, 1).reshape(-1)
+                                  if axis == 1 else x.reshape(-1))
+    ref = bn.batch_norm_backward(dy, bn.batch_norm_train(x.copy(), None, None, axis=axis,
+                                                         backend=backend)[1])
+    x *= 3.0  # an in-place edit after the forward
+    got = bn.batch_norm_backward(dy, cache)
+    np.testing.assert_array_equal(got[0], ref[0])

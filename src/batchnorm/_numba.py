@@ -714,6 +714,17 @@ def _running_update(rm, rv, mean, var, count, w_new, unbiased, new_m, new_v):
     return _all_finite(new_m, new_v)
 
 
+@njit(cache=True, parallel=True)
+def _copy_par(src, dst, nthreads):
+    """``dst[:] = src`` for flat contiguous arrays, in `nthreads` parts: each thread also
+    first-touches its part of the fresh destination."""
+    per, parts = _split(src.shape[0], nthreads)
+    for k in prange(parts):
+        dst[k * per : min(src.shape[0], (k + 1) * per)] = src[
+            k * per : min(src.shape[0], (k + 1) * per)
+        ]
+
+
 kernels = (
     _rows_moments_par,
     _rows_moments_ser,
@@ -739,6 +750,7 @@ kernels = (
     _rows_backward_ser,
     _planes_backward_ser,
     _running_update,
+    _copy_par,
 )
 """The compiled entry points (for ``batchnorm info`` and the cache test)."""
 
@@ -1095,6 +1107,26 @@ class NumbaBackend(Backend):
         return new_m, new_v, finite
 
 
+
+    def copy(self, x3: np.ndarray) -> np.ndarray | None:
+        """A private C-contiguous copy of `x3` made by several threads (large contiguous
+        float32/float64 inputs; None for the others)."""
+        size = x3.size
+        if (
+            size < _SERIAL_BELOW or not x3.flags.c_contiguous
+            or x3.dtype.type not in _VEC_TYPES or not x3.dtype.isnative
+        ):
+            return None
+        out = np.empty_like(x3)
+        flat = x3.reshape(-1)
+        nthreads = _threads(size)
+        if nthreads > 1 and _POOL.acquire(blocking=False):
+            try:
+                _copy_par(flat, out.reshape(-1), nthreads)
+                return out
+            finally:
+                _POOL.release()
+        return None
 
 
 def _vec_ok(v) -> bool:

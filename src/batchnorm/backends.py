@@ -38,6 +38,8 @@ base class :class:`Backend` does:
 ``backward(dy3, x3, center, mean, inv_std, gamma, count, training, *, mask, out)``
     ``-> (dx3, dgamma, dbeta) | None``: ``grad_sums``, the parameter gradients (float64) and
     ``grad_input`` of a local batch.
+``copy(x3) -> private copy | None``
+    The copy of the input that a training cache keeps, made faster (several threads).
 ``running_update(running_mean, running_var, mean, var, count, w_new, unbiased)``
     ``-> (new_mean, new_var, finite) | None``:
     What :func:`batchnorm.functional.update_running_stats` computes, bit for bit, and whether
@@ -148,6 +150,9 @@ class Backend:
         mask: np.ndarray | None = None,
         out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        return None
+
+    def copy(self, x3: np.ndarray) -> np.ndarray | None:
         return None
 
     def running_update(

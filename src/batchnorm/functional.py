@@ -272,13 +272,14 @@ def as_3d(x: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
     return x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
 
 
-def _own(x3: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _own(x3: np.ndarray, x: np.ndarray, backend: Backend | None = None) -> np.ndarray:
     """`x3`, copied if it may share memory with the caller's `x` (float16 input, a layout
     that needs a copy to become (A, C, B): already a private array) and that memory can still
     be written (see :func:`read_only`)."""
     if not np.may_share_memory(x3, x) or read_only(x):
         return x3
-    return x3.copy()
+    copied = None if backend is None else backend.copy(x3)
+    return x3.copy() if copied is None else copied
 
 
 def read_only(a: np.ndarray) -> bool:
@@ -507,7 +508,7 @@ def train_forward(
         communicates; masked-in values with a mask); non-finite statistics when
         `check_finite`.
     """
-    x3 = _own(as_3d(x, axis, compute_dtype(x.dtype)), x)
+    x3 = _own(as_3d(x, axis, compute_dtype(x.dtype)), x, backend)
     m3 = None if mask is None else mask_3d(mask, axis)
     count = x3.shape[0] * x3.shape[2]
     relu = activation == "relu"
@@ -696,7 +697,7 @@ def inference_forward(
     if not keep_cache:
         return _output(y3, x.shape, x.dtype, out), None
     count = x3.shape[0] * x3.shape[2]
-    x3 = _own(x3, x) if keep_input else None
+    x3 = _own(x3, x, backend) if keep_input else None
     cache = BatchNormCache(
         mean=np.array(mean, dtype=np.float64),
         var=np.array(var, dtype=np.float64),
