@@ -714,6 +714,11 @@ def _running_update(rm, rv, mean, var, count, w_new, unbiased, new_m, new_v):
     return _all_finite(new_m, new_v)
 
 
+@njit(cache=True)
+def _copy_ser(src, dst):
+    dst[:] = src
+
+
 @njit(cache=True, parallel=True)
 def _copy_par(src, dst, nthreads):
     """``dst[:] = src`` for flat contiguous arrays, in `nthreads` parts: each thread also
@@ -750,6 +755,7 @@ kernels = (
     _rows_backward_ser,
     _planes_backward_ser,
     _running_update,
+    _copy_ser,
     _copy_par,
 )
 """The compiled entry points (for ``batchnorm info`` and the cache test)."""
@@ -1109,8 +1115,8 @@ class NumbaBackend(Backend):
 
 
     def copy(self, x3: np.ndarray) -> np.ndarray | None:
-        """A private C-contiguous copy of `x3` made by several threads (large contiguous
-        float32/float64 inputs; None for the others)."""
+        """A private C-contiguous copy of `x3`, made by several threads where :func:`_run`
+        allows (large contiguous float32/float64 inputs; None for the others)."""
         size = x3.size
         if (
             size < _SERIAL_BELOW or not x3.flags.c_contiguous
@@ -1118,15 +1124,8 @@ class NumbaBackend(Backend):
         ):
             return None
         out = np.empty_like(x3)
-        flat = x3.reshape(-1)
-        nthreads = _threads(size)
-        if nthreads > 1 and _POOL.acquire(blocking=False):
-            try:
-                _copy_par(flat, out.reshape(-1), nthreads)
-                return out
-            finally:
-                _POOL.release()
-        return None
+        _run(size, _copy_ser, _copy_par, x3.reshape(-1), out.reshape(-1))
+        return out
 
 
 def _vec_ok(v) -> bool:
